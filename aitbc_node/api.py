@@ -1,0 +1,272 @@
+"""The HTTP API (Litestar): routes, request bodies, authentication and the error shape.
+
+Handlers are async but do their store work on a thread pool, so a write that waits for the
+lock or an fsync never stalls the event loop. Every error leaves as
+`{"detail": ..., "error_code": ...}`; nothing else reaches the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from litestar import Litestar, MediaType, Request, Response, Router, get, post
+from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig
+from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
+
+from aitbc_node import __version__, keys
+from aitbc_node.errors import ApiError, BadRequest, PayloadTooLarge
+from aitbc_node.keys import Principal
+
+if TYPE_CHECKING:
+    from aitbc_node.node import Node
+
+log = logging.getLogger("aitbc_node.api")
+T = TypeVar("T")
+
+# Store calls run here rather than on the event loop (see the module docstring).
+_store_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="api-store")
+
+HTTP_CODES = {
+    400: "BAD_REQUEST",
+    401: "INVALID_API_KEY",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    409: "CONFLICT",
+    413: "PAYLOAD_TOO_LARGE",
+    429: "RATE_LIMITED",
+}
+
+
+def _node(request: Request) -> Node:
+    return request.app.state.node
+
+
+async def in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run `fn(*args)` on the store's thread pool."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_store_pool, fn, *args)
+
+
+async def authorized(request: Request, fn: Callable[[Principal], T]) -> T:
+    """Authenticate the request's X-Api-Key, then run `fn(principal)` off the event loop."""
+    node = _node(request)
+    api_key = request.headers.get("x-api-key")
+
+    def call() -> T:
+        return fn(keys.authenticate(node.store, api_key))
+
+    return await in_thread(call)
+
+
+async def json_body(request: Request) -> Any:
+    """The request's JSON body, bounded in size; 413 past the bound, 400 when not JSON."""
+    limit = _node(request).limits.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body is larger than {limit} bytes", error_code="BODY_TOO_LARGE")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(
+                f"the body is larger than {limit} bytes", error_code="BODY_TOO_LARGE"
+            )
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        return {}
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadRequest(f"the body is not valid JSON: {e}", error_code="INVALID_JSON") from None
+
+
+async def json_object(request: Request) -> dict[str, Any]:
+    body = await json_body(request)
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object", error_code="INVALID_BODY")
+    return body
+
+
+# -- public ------------------------------------------------------------------------------
+
+
+@get("/health", sync_to_thread=False)
+def health(request: Request) -> dict[str, Any]:
+    """Liveness, version, the models served and the built-in miner's state."""
+    return _node(request).health()
+
+
+@get("/v1/stats")
+async def stats(request: Request) -> dict[str, Any]:
+    """Jobs by status, miners online, queue depth, tokens generated, average latency."""
+    return await in_thread(_node(request).jobs.stats)
+
+
+@get("/v1/miners")
+async def list_miners(request: Request) -> dict[str, Any]:
+    """Every registered miner with its models and state."""
+    return {"miners": await in_thread(_node(request).miners.list)}
+
+
+# -- clients -----------------------------------------------------------------------------
+
+
+@post("/v1/jobs", status_code=HTTP_201_CREATED)
+async def submit_job(request: Request) -> dict[str, Any]:
+    """Submit a job: `{prompt, model, params}`."""
+    body = await json_body(request)
+    jobs = _node(request).jobs
+    return await authorized(request, lambda p: jobs.submit(p, body))
+
+
+@get("/v1/jobs")
+async def list_jobs(
+    request: Request, status: str | None = None, limit: str | None = None, cursor: str | None = None
+) -> dict[str, Any]:
+    """Your jobs, newest first; `next_cursor` fetches the next page."""
+    jobs = _node(request).jobs
+    return await authorized(request, lambda p: jobs.list(p, status, limit, cursor))
+
+
+@get("/v1/jobs/available")
+async def available_jobs(request: Request, miner_id: str | None = None) -> dict[str, Any]:
+    """Pending jobs for the models this miner registered, oldest first."""
+    jobs = _node(request).jobs
+    return await authorized(request, lambda p: jobs.available(p, miner_id))
+
+
+@get("/v1/jobs/{job_id:str}")
+async def get_job(request: Request, job_id: str) -> dict[str, Any]:
+    """One job."""
+    jobs = _node(request).jobs
+    return await authorized(request, lambda p: jobs.get(p, job_id))
+
+
+@post("/v1/jobs/{job_id:str}/cancel", status_code=HTTP_200_OK)
+async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
+    """Cancel a pending or running job."""
+    jobs = _node(request).jobs
+    return await authorized(request, lambda p: jobs.cancel(p, job_id))
+
+
+# -- miners ------------------------------------------------------------------------------
+
+
+@post("/v1/miners/register", status_code=HTTP_200_OK)
+async def register_miner(request: Request) -> dict[str, Any]:
+    """Register a miner: `{miner_id, capabilities, gpu_info}`."""
+    body = await json_object(request)
+    miners = _node(request).miners
+    return await authorized(request, lambda p: miners.register(p, body))
+
+
+@post("/v1/miners/{miner_id:str}/heartbeat", status_code=HTTP_200_OK)
+async def heartbeat(request: Request, miner_id: str) -> dict[str, Any]:
+    """Renew the leases of this miner's running jobs."""
+    jobs = _node(request).jobs
+    return await authorized(request, lambda p: jobs.heartbeat(p, miner_id))
+
+
+@post("/v1/jobs/{job_id:str}/claim", status_code=HTTP_200_OK)
+async def claim_job(request: Request, job_id: str) -> dict[str, Any]:
+    """Claim a pending job: `{miner_id}`. Of racing claims one wins, the others get 409."""
+    body = await json_object(request)
+    jobs = _node(request).jobs
+    return await authorized(request, lambda p: jobs.claim(p, job_id, body))
+
+
+@post("/v1/jobs/{job_id:str}/complete", status_code=HTTP_200_OK)
+async def complete_job(request: Request, job_id: str) -> dict[str, Any]:
+    """Complete a claimed job: `{miner_id, result, usage?}`."""
+    body = await json_object(request)
+    jobs = _node(request).jobs
+    return await authorized(request, lambda p: jobs.complete(p, job_id, body))
+
+
+@post("/v1/jobs/{job_id:str}/fail", status_code=HTTP_200_OK)
+async def fail_job(request: Request, job_id: str) -> dict[str, Any]:
+    """Fail a claimed job: `{miner_id, error}`."""
+    body = await json_object(request)
+    jobs = _node(request).jobs
+    return await authorized(request, lambda p: jobs.fail(p, job_id, body))
+
+
+# -- the page and the errors ---------------------------------------------------------------
+
+
+@get(["/", "/explorer"], media_type=MediaType.HTML, include_in_schema=False)
+async def explorer_page(request: Request) -> str:
+    """The explorer page."""
+    return _node(request).explorer_html()
+
+
+def _error(status: int, detail: str, error_code: str, headers: dict[str, str] | None = None):
+    return Response(
+        {"detail": detail, "error_code": error_code},
+        status_code=status,
+        headers=headers,
+        media_type=MediaType.JSON,
+    )
+
+
+def handle_api_error(_: Request, exc: ApiError) -> Response:
+    return _error(exc.status, exc.detail, exc.error_code, exc.headers)
+
+
+def handle_http_exception(_: Request, exc: HTTPException) -> Response:
+    status = exc.status_code
+    detail = exc.detail
+    if status == 404:
+        detail = "no such endpoint; the API is described at /api/schema"
+    elif status == 400 and getattr(exc, "extra", None):
+        detail = f"{detail}: {exc.extra}"
+    return _error(status, detail, HTTP_CODES.get(status, "HTTP_ERROR"), exc.headers)
+
+
+def handle_unexpected(_: Request, exc: Exception) -> Response:
+    log.exception("unhandled error", exc_info=exc)
+    return _error(500, "internal server error", "INTERNAL_ERROR")
+
+
+def create_app(node: Node) -> Litestar:
+    """The Litestar application serving `node`."""
+    api = Router(
+        path="/api",
+        route_handlers=[
+            health,
+            stats,
+            list_miners,
+            submit_job,
+            list_jobs,
+            available_jobs,
+            get_job,
+            cancel_job,
+            register_miner,
+            heartbeat,
+            claim_job,
+            complete_job,
+            fail_job,
+        ],
+    )
+    app = Litestar(
+        route_handlers=[api, explorer_page],
+        exception_handlers={
+            ApiError: handle_api_error,
+            HTTPException: handle_http_exception,
+            Exception: handle_unexpected,
+        },
+        openapi_config=OpenAPIConfig(
+            title="aitbc-node Coordinator API", version=__version__, path="/api/schema"
+        ),
+        debug=False,
+    )
+    app.state.node = node
+    return app

@@ -1,0 +1,231 @@
+"""Inference with llama.cpp (through llama-cpp-python): the only module that imports it.
+
+An `Engine` holds one loaded GGUF model. `generate` runs one job: a chat model gets the prompt
+through the chat template stored in its GGUF file, a base model gets it as plain text. Text is
+streamed out as it is produced, and `should_stop` is asked after every token, so a cancel or a
+shutdown stops the work within one token.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import os
+import platform
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from aitbc_node.models import ModelFile
+
+log = logging.getLogger("aitbc_node.engine")
+
+DEFAULT_CONTEXT = 4096
+
+
+class EngineError(Exception):
+    """A job this engine cannot run (prompt too long for the context, a broken model...)."""
+
+
+@dataclass
+class Generation:
+    """What one job produced."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop", "length" or "aborted"
+
+
+def gpu_offload_supported() -> bool:
+    """True when this llama.cpp build has a GPU backend (CUDA, Metal, Vulkan...)."""
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def device_info(gpu_layers: int) -> dict[str, Any]:
+    """What the miner runs on, for `gpu_info` and `/api/health`."""
+    system = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    info: dict[str, Any] = {
+        "backend": "gpu" if gpu_layers != 0 and gpu_offload_supported() else "cpu",
+        "gpu_offload_supported": gpu_offload_supported(),
+        "gpu_layers": gpu_layers,
+        "llama_cpp_version": llama_cpp.__version__,
+        "system_info": system,
+        "cpu": _cpu_name(),
+        "cpu_threads": os.cpu_count() or 1,
+    }
+    name = _gpu_name()
+    if name:
+        info["name"] = name
+    else:
+        info["name"] = info["cpu"]
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _gpu_name() -> str | None:
+    """The first NVIDIA GPU's name, read from the driver's /proc entry when there is one."""
+    root = Path("/proc/driver/nvidia/gpus")
+    if not gpu_offload_supported() or not root.is_dir():
+        return None
+    for info in sorted(root.glob("*/information")):
+        for line in info.read_text().splitlines():
+            if line.startswith("Model:"):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
+def default_gpu_layers() -> int:
+    """Everything on the GPU where llama.cpp has a GPU backend, else the CPU."""
+    return -1 if gpu_offload_supported() else 0
+
+
+class Engine:
+    """One loaded model."""
+
+    def __init__(
+        self,
+        model: ModelFile,
+        *,
+        gpu_layers: int = 0,
+        context: int = DEFAULT_CONTEXT,
+        threads: int | None = None,
+    ) -> None:
+        self.model = model
+        threads = threads or os.cpu_count() or 1
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(model.path),
+                n_gpu_layers=gpu_layers,
+                n_ctx=context,
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as e:
+            raise EngineError(f"cannot load model {model.path}: {e}") from e
+        self.context = self.llm.n_ctx()
+        self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self._chat = self._chat_formatter()
+
+    def _chat_formatter(self) -> Jinja2ChatFormatter | None:
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            return None
+        eos_id, bos_id = self.llm.token_eos(), self.llm.token_bos()
+        eos = self.llm.detokenize([eos_id], special=True).decode() if eos_id != -1 else ""
+        bos = self.llm.detokenize([bos_id], special=True).decode() if bos_id != -1 else ""
+        return Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+
+    @property
+    def is_chat(self) -> bool:
+        return self._chat is not None
+
+    def prompt_tokens(self, prompt: str) -> tuple[list[int], list[str]]:
+        """The tokens the model is given for `prompt`, and the stop strings its format adds."""
+        if self._chat is not None:
+            formatted = self._chat(messages=[{"role": "user", "content": prompt}])
+            stops = formatted.stop if isinstance(formatted.stop, list) else [formatted.stop or ""]
+            tokens = self.llm.tokenize(
+                formatted.prompt.encode(), add_bos=not formatted.added_special, special=True
+            )
+            return tokens, [s for s in stops if s]
+        return self.llm.tokenize(prompt.encode(), add_bos=True, special=False), []
+
+    def generate(
+        self,
+        prompt: str,
+        params: dict[str, Any],
+        should_stop: Callable[[], bool] = lambda: False,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
+        """Run one prompt with the job's params; `on_text` receives the text as it grows.
+
+        The loop is ours rather than `create_completion`'s: it decodes each token once
+        (create_completion re-decodes the whole completion at every token), counts tokens
+        exactly, and checks `should_stop` between tokens.
+        """
+        tokens, format_stops = self.prompt_tokens(prompt)
+        room = self.context - len(tokens)
+        if room < 1:
+            raise EngineError(
+                f"the prompt is {len(tokens)} tokens; this model's context holds {self.context}"
+            )
+        max_tokens = min(params["max_tokens"], room)
+        stops = [*params.get("stop", []), *format_stops]
+        seed = params.get("seed")
+        self.llm.set_seed(seed if seed is not None else secrets.randbits(32))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text = ""
+        emitted = 0  # characters of `text` already given to on_text
+        completion = 0
+        finish_reason = "length"
+        for token in self.llm.generate(
+            tokens,
+            top_k=40,
+            top_p=params["top_p"],
+            min_p=0.05,
+            temp=params["temperature"],
+            repeat_penalty=1.0,
+        ):
+            if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                finish_reason = "stop"
+                break
+            completion += 1
+            text += decoder.decode(self.llm.detokenize([token]))
+            cut = _first_stop(text, stops, emitted)
+            if cut is not None:
+                text = text[:cut]
+                finish_reason = "stop"
+                decoder.reset()
+                break
+            if on_text is not None:
+                # Hold back a tail that could still become a stop string.
+                safe = len(text) - _stop_prefix_len(text, stops)
+                if safe > emitted:
+                    on_text(text[emitted:safe])
+                    emitted = safe
+            if completion >= max_tokens:
+                break
+            if should_stop():
+                finish_reason = "aborted"
+                break
+        text += decoder.decode(b"", final=True)
+        if on_text is not None and len(text) > emitted:
+            on_text(text[emitted:])
+        return Generation(text, len(tokens), completion, finish_reason)
+
+
+def _first_stop(text: str, stops: list[str], start: int) -> int | None:
+    """Where the earliest stop string begins in `text` (looking from near `start`), or None."""
+    found = None
+    for stop in stops:
+        at = text.find(stop, max(start - len(stop), 0))
+        if at != -1 and (found is None or at < found):
+            found = at
+    return found
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """The length of the longest tail of `text` that begins some stop string."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest

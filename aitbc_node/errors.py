@@ -1,0 +1,59 @@
+"""Errors that reach API clients.
+
+Each error is a small class with an HTTP status and a SCREAMING_SNAKE error code, in the style
+of datasette's exceptions: the HTTP layer turns any `ApiError` into
+`{"detail": ..., "error_code": ...}` with that status, so the store and the job rules can raise
+them without knowing about HTTP.
+"""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    """An error with a status code and an error code, shown to the client as is."""
+
+    status = 500
+    error_code = "INTERNAL_ERROR"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        error_code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        if error_code is not None:
+            self.error_code = error_code
+        self.headers = headers or {}
+
+
+class BadRequest(ApiError):
+    status = 400
+    error_code = "BAD_REQUEST"
+
+
+class Unauthorized(ApiError):
+    status = 401
+    error_code = "INVALID_API_KEY"
+
+
+class Forbidden(ApiError):
+    status = 403
+    error_code = "FORBIDDEN"
+
+
+class NotFound(ApiError):
+    status = 404
+    error_code = "NOT_FOUND"
+
+
+class Conflict(ApiError):
+    status = 409
+    error_code = "CONFLICT"
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    error_code = "PAYLOAD_TOO_LARGE"

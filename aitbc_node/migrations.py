@@ -1,0 +1,104 @@
+"""Schema migrations for the job store, as numbered functions (the simonw/llm way).
+
+Each migration is a function taking a `sqlite_utils.Database`; `apply` runs, in order, those not
+yet recorded in the `_migrations` table. They run once at start-up through stdlib sqlite3, before
+the live apsw connections open, so sqlite-utils stays out of the hot path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import sqlite_utils
+
+from aitbc_node.clock import now_ms
+
+Migration = Callable[[sqlite_utils.Database], None]
+MIGRATIONS: list[Migration] = []
+
+
+def migration(fn: Migration) -> Migration:
+    """Register `fn` as the next migration; its name is recorded once it has run."""
+    MIGRATIONS.append(fn)
+    return fn
+
+
+@migration
+def m001_initial(db: sqlite_utils.Database) -> None:
+    db["api_keys"].create(
+        {
+            "key_id": str,
+            "key_hash": str,
+            "name": str,
+            "role": str,
+            "identity": str,
+            "created_ms": int,
+            "revoked_ms": int,
+        },
+        pk="key_id",
+        not_null={"key_hash", "name", "role", "identity", "created_ms"},
+    )
+    db["api_keys"].create_index(["key_hash"], unique=True)
+    db.execute(
+        """
+        CREATE TABLE jobs (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            job_id TEXT NOT NULL UNIQUE,
+            client TEXT NOT NULL,
+            prompt TEXT NOT NULL,
+            model TEXT NOT NULL,
+            served_model TEXT NOT NULL,
+            params TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (
+                status IN ('pending', 'running', 'completed', 'failed', 'cancelled')
+            ),
+            result TEXT,
+            error TEXT,
+            error_code TEXT,
+            miner_id TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            lease_expires_ms INTEGER,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            created_ms INTEGER NOT NULL,
+            started_ms INTEGER,
+            completed_ms INTEGER
+        )
+        """
+    )
+    db["jobs"].create_index(["status", "served_model", "seq"])
+    db["jobs"].create_index(["client", "seq"])
+    db["jobs"].create_index(["miner_id", "status"])
+    db["miners"].create(
+        {
+            "miner_id": str,
+            "capabilities": str,
+            "gpu_info": str,
+            "builtin": int,
+            "registered_ms": int,
+            "last_seen_ms": int,
+        },
+        pk="miner_id",
+        not_null={"capabilities", "gpu_info", "builtin", "registered_ms", "last_seen_ms"},
+    )
+
+
+def apply(path: Path) -> list[str]:
+    """Bring the database at `path` up to the newest schema; return the migrations that ran."""
+    db = sqlite_utils.Database(path)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db["_migrations"].create({"name": str, "applied_ms": int}, pk="name", if_not_exists=True)
+        done = {row["name"] for row in db["_migrations"].rows}
+        ran = []
+        for fn in MIGRATIONS:
+            if fn.__name__ in done:
+                continue
+            with db.conn:
+                fn(db)
+                db["_migrations"].insert({"name": fn.__name__, "applied_ms": now_ms()})
+            ran.append(fn.__name__)
+        return ran
+    finally:
+        db.close()

@@ -1,0 +1,147 @@
+"""The miner registry: who serves which models, and who was seen lately."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aitbc_node.clock import now_ms, rfc3339
+from aitbc_node.config import JobRules
+from aitbc_node.errors import BadRequest, Forbidden, NotFound
+from aitbc_node.keys import Principal
+from aitbc_node.store import Row, Store
+
+MAX_CAPABILITIES = 64
+MAX_NAME_CHARS = 128
+
+
+class Miners:
+    """Registration and liveness of the miners, built-in and remote."""
+
+    def __init__(self, store: Store, rules: JobRules) -> None:
+        self.store = store
+        self.rules = rules
+        # The built-in miner of this process; it is online while the process runs, however
+        # long it waits for work, so it is not judged by last_seen.
+        self.builtin_id: str | None = None
+        self.builtin_models: list[str] = []
+
+    def register(self, principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
+        """Register (or re-register) the miner bound to `principal`'s key."""
+        principal.require("miner")
+        miner_id = body.get("miner_id")
+        if not isinstance(miner_id, str) or not miner_id:
+            raise BadRequest("miner_id must be a non-empty string", error_code="INVALID_MINER_ID")
+        if miner_id != principal.identity:
+            raise Forbidden(
+                f"this key acts as miner {principal.identity!r}, not {miner_id!r}",
+                error_code="MINER_ID_MISMATCH",
+            )
+        capabilities = body.get("capabilities")
+        if (
+            not isinstance(capabilities, list)
+            or not capabilities
+            or len(capabilities) > MAX_CAPABILITIES
+            or not all(isinstance(c, str) and 0 < len(c) <= MAX_NAME_CHARS for c in capabilities)
+        ):
+            raise BadRequest(
+                f"capabilities must be a list of 1 to {MAX_CAPABILITIES} model names",
+                error_code="INVALID_CAPABILITIES",
+            )
+        gpu_info = body.get("gpu_info", {})
+        if not isinstance(gpu_info, dict):
+            raise BadRequest("gpu_info must be an object", error_code="INVALID_GPU_INFO")
+        unknown = sorted(set(body) - {"miner_id", "capabilities", "gpu_info"})
+        if unknown:
+            raise BadRequest(f"unknown fields: {', '.join(unknown)}", error_code="UNKNOWN_FIELDS")
+        row = self.upsert(miner_id, list(dict.fromkeys(capabilities)), gpu_info, builtin=False)
+        return self.view(row)
+
+    def upsert(
+        self, miner_id: str, capabilities: list[str], gpu_info: dict[str, Any], *, builtin: bool
+    ) -> Row:
+        """Write a miner's registration and mark it seen now."""
+        now = now_ms()
+        with self.store.write() as db:
+            row = db.one(
+                "INSERT INTO miners"
+                " (miner_id, capabilities, gpu_info, builtin, registered_ms, last_seen_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (miner_id) DO UPDATE SET capabilities = excluded.capabilities,"
+                " gpu_info = excluded.gpu_info, builtin = excluded.builtin,"
+                " last_seen_ms = excluded.last_seen_ms"
+                " RETURNING *",
+                (miner_id, json.dumps(capabilities), json.dumps(gpu_info), int(builtin), now, now),
+            )
+        assert row is not None
+        return row
+
+    def register_builtin(self, miner_id: str, models: list[str], gpu_info: dict[str, Any]) -> None:
+        """Record this process's own miner."""
+        self.upsert(miner_id, models, gpu_info, builtin=True)
+        self.builtin_id = miner_id
+        self.builtin_models = list(models)
+
+    def require_registered(self, principal: Principal, miner_id: str | None) -> Row:
+        """The registered miner `miner_id`, which `principal` must act as; marks it seen."""
+        principal.require("miner")
+        if not miner_id:
+            raise BadRequest("miner_id is required", error_code="INVALID_MINER_ID")
+        if miner_id != principal.identity:
+            raise Forbidden(
+                f"this key acts as miner {principal.identity!r}, not {miner_id!r}",
+                error_code="MINER_ID_MISMATCH",
+            )
+        with self.store.write() as db:
+            row = db.one(
+                "UPDATE miners SET last_seen_ms = ? WHERE miner_id = ? RETURNING *",
+                (now_ms(), miner_id),
+            )
+        if row is None:
+            raise NotFound(
+                f"miner {miner_id!r} is not registered; POST /api/v1/miners/register first",
+                error_code="MINER_NOT_REGISTERED",
+            )
+        return row
+
+    def online_cutoff_ms(self) -> int:
+        return now_ms() - int(self.rules.miner_timeout_seconds * 1000)
+
+    def served_models(self) -> list[str]:
+        """Models that some online miner serves: this process's own and recently seen remotes."""
+        rows = self.store.read().execute(
+            "SELECT DISTINCT value AS model FROM miners, json_each(miners.capabilities)"
+            " WHERE builtin = 0 AND last_seen_ms >= ?",
+            (self.online_cutoff_ms(),),
+        )
+        models = set(self.builtin_models) | {r["model"] for r in rows}
+        return sorted(models)
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every miner, most recently seen first, with its state."""
+        rows = self.store.read().execute(
+            "SELECT miners.*, (SELECT count(*) FROM jobs WHERE jobs.miner_id = miners.miner_id"
+            " AND jobs.status = 'running') AS running_jobs"
+            " FROM miners ORDER BY last_seen_ms DESC"
+        )
+        return [self.view(r) for r in rows]
+
+    def is_online(self, row: Row) -> bool:
+        if row["builtin"]:
+            return row["miner_id"] == self.builtin_id
+        return row["last_seen_ms"] >= self.online_cutoff_ms()
+
+    def view(self, row: Row) -> dict[str, Any]:
+        """A miner as the API shows it."""
+        online = self.is_online(row)
+        running = row.get("running_jobs", 0)
+        return {
+            "miner_id": row["miner_id"],
+            "capabilities": json.loads(row["capabilities"]),
+            "gpu_info": json.loads(row["gpu_info"]),
+            "builtin": bool(row["builtin"]),
+            "online": online,
+            "state": ("busy" if running else "idle") if online else "offline",
+            "registered_at": rfc3339(row["registered_ms"]),
+            "last_seen_at": rfc3339(row["last_seen_ms"]),
+        }

@@ -1,0 +1,143 @@
+"""The node: the store, the job rules, the built-in miner and the lease reaper, wired together.
+
+`Node` is what the HTTP layer and the CLI hold. It owns start-up order (migrations, keys,
+requeue of jobs interrupted by a crash, model loading) and a clean shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aitbc_node import __version__, keys
+from aitbc_node.config import DEFAULT_HOST, DEFAULT_PORT, JobRules, Limits
+from aitbc_node.jobs import Jobs
+from aitbc_node.leases import LeaseReaper
+from aitbc_node.miners import Miners
+from aitbc_node.models import ModelFile
+from aitbc_node.signals import Signals
+from aitbc_node.store import Store
+
+log = logging.getLogger("aitbc_node.node")
+
+DATABASE_FILE = "node.db"
+
+
+@dataclass
+class NodeSettings:
+    """Everything `aitbc-node serve` can be told."""
+
+    data_dir: Path
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    models: list[ModelFile] = field(default_factory=list)
+    run_miner: bool = True
+    gpu_layers: int | None = None
+    context: int = 4096
+    threads: int | None = None
+    rules: JobRules = field(default_factory=JobRules)
+    limits: Limits = field(default_factory=Limits)
+
+
+class Node:
+    """One aitbc-node: open it, `start()` it, serve its app, `stop()` it."""
+
+    def __init__(self, settings: NodeSettings) -> None:
+        self.settings = settings
+        self.limits = settings.limits
+        self.data_dir = settings.data_dir
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)
+        self.store = Store(self.data_dir / DATABASE_FILE)
+        self.signals = Signals()
+        self.miners = Miners(self.store, settings.rules)
+        self.jobs = Jobs(self.store, self.miners, self.signals, settings.rules, settings.limits)
+        self.credentials = keys.ensure_initial_keys(self.store, self.data_dir)
+        self.reaper = LeaseReaper(self.jobs)
+        self.miner: Any = None  # a BuiltinMiner once started with models
+
+    def start(self) -> None:
+        """Requeue what a crash interrupted, load the models, start the miner and the reaper."""
+        outcome = self.jobs.requeue_interrupted(keys.BUILTIN_MINER_ID)
+        if outcome["requeued"] or outcome["failed"]:
+            log.warning(
+                "built-in miner's interrupted jobs: %d requeued, %d failed",
+                len(outcome["requeued"]),
+                len(outcome["failed"]),
+            )
+        if self.settings.run_miner and self.settings.models:
+            self.miner = self._start_miner()
+        self.reaper.start()
+
+    def _start_miner(self) -> Any:
+        # The engine (llama.cpp) is imported only when a miner runs, so `--no-miner`
+        # coordinators and the CLI's other commands start without loading it.
+        from aitbc_node.engine import Engine, default_gpu_layers, device_info
+        from aitbc_node.miner import BuiltinMiner
+
+        gpu_layers = self.settings.gpu_layers
+        if gpu_layers is None:
+            gpu_layers = default_gpu_layers()
+        engines = {
+            m.name: Engine(
+                m,
+                gpu_layers=gpu_layers,
+                context=self.settings.context,
+                threads=self.settings.threads,
+            )
+            for m in self.settings.models
+        }
+        miner = BuiltinMiner(
+            keys.BUILTIN_MINER_ID,
+            engines,
+            device_info(gpu_layers),
+            self.jobs,
+            self.miners,
+            self.signals,
+        )
+        miner.start()
+        return miner
+
+    def stop(self) -> None:
+        """Stop the miner (its job goes back to the queue), the reaper, then close the store."""
+        if self.miner is not None:
+            self.miner.stop()
+        self.reaper.stop()
+        self.store.close()
+
+    def health(self) -> dict[str, Any]:
+        """What `GET /api/health` shows."""
+        miner: dict[str, Any] = {"state": "disabled"}
+        if self.miner is not None:
+            miner = {
+                "state": self.miner.state,
+                "miner_id": self.miner.miner_id,
+                "models": sorted(self.miner.engines),
+                "current_job": self.miner.current_job,
+                "gpu_info": self.miner.gpu_info,
+            }
+        return {
+            "status": "ok",
+            "version": __version__,
+            "models": self.miners.served_models(),
+            "aliases": dict(self.settings.rules.aliases),
+            "miner": miner,
+        }
+
+    def explorer_html(self) -> str:
+        """The page served at `/`."""
+        return EXPLORER_PLACEHOLDER
+
+
+EXPLORER_PLACEHOLDER = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>aitbc-node</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"></head>
+<body style="font-family: system-ui, sans-serif; max-width: 40rem; margin: 3rem auto;">
+<h1>aitbc-node</h1>
+<p>This node is running. The Coordinator API is at <a href="/api/health">/api</a>;
+its OpenAPI description is at <a href="/api/schema">/api/schema</a>.</p>
+</body></html>
+"""

@@ -1,0 +1,113 @@
+"""The job store: one SQLite file in WAL mode, reached through apsw.
+
+There is one writer connection, guarded by a lock, and every write runs inside an explicit
+`BEGIN IMMEDIATE` transaction on it, so writers never deadlock on lock upgrades and a claim or
+a state change is atomic. Reads use one connection per thread, which WAL lets run beside the
+writer without blocking. Rows come back as dicts.
+
+Callers (the API worker threads, the miner thread, the lease reaper) call these from ordinary
+threads, never from the event loop, so a wait for the write lock or an fsync stalls no request
+but the one that writes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import apsw
+
+from aitbc_node import migrations
+
+BUSY_TIMEOUT_MS = 10_000
+Row = dict[str, Any]
+
+
+def _dict_rows(cursor: apsw.Cursor, row: tuple[Any, ...]) -> Row:
+    return {name: value for (name, _), value in zip(cursor.get_description(), row, strict=True)}
+
+
+class Connection:
+    """A thin wrapper over an apsw connection that returns rows as dicts."""
+
+    def __init__(self, conn: apsw.Connection) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[Row]:
+        """Run one statement and return all its rows."""
+        return list(self._conn.execute(sql, params))
+
+    def one(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> Row | None:
+        """Run one statement and return its first row, or None."""
+        for row in self._conn.execute(sql, params):
+            return row
+        return None
+
+    def changes(self) -> int:
+        """Rows changed by the last statement."""
+        return self._conn.changes()
+
+
+class Store:
+    """The node's SQLite file: migrations at open, one locked writer, per-thread readers."""
+
+    def __init__(self, path: Path, *, synchronous: str = "NORMAL") -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        migrations.apply(self.path)
+        self._synchronous = synchronous
+        self._write_lock = threading.Lock()
+        self._writer = self._open()
+        self._local = threading.local()
+        self._readers: list[apsw.Connection] = []
+        self._readers_lock = threading.Lock()
+
+    def _open(self) -> apsw.Connection:
+        conn = apsw.Connection(str(self.path))
+        conn.set_busy_timeout(BUSY_TIMEOUT_MS)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.set_row_trace(_dict_rows)
+        return conn
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction (`BEGIN IMMEDIATE`), committed on success, rolled back on error."""
+        with self._write_lock:
+            self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield Connection(self._writer)
+            except BaseException:
+                self._writer.execute("ROLLBACK")
+                raise
+            self._writer.execute("COMMIT")
+
+    def read(self) -> Connection:
+        """This thread's read connection (opened on first use)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._open()
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return Connection(conn)
+
+    def checkpoint(self) -> None:
+        """Fold the WAL back into the main file (a PASSIVE checkpoint, never blocking readers)."""
+        with self._write_lock:
+            self._writer.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+
+    def close(self) -> None:
+        """Checkpoint and close every connection this store opened."""
+        with self._write_lock:
+            with suppress(apsw.BusyError):
+                self._writer.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
+            with self._readers_lock:
+                for conn in self._readers:
+                    conn.close()
+                self._readers.clear()
+            self._writer.close()

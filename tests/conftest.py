@@ -1,0 +1,223 @@
+"""Shared test fixtures: real node processes on real ports with the real embedded model.
+
+`NodeProcess` starts `python -m aitbc_node serve` in a subprocess with its own data directory,
+waits until `/api/health` answers, and reads the keys the node wrote on first start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from aitbc_node.models import EMBEDDED_NAME
+
+SMOL = EMBEDDED_NAME
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the `aitbc-node` command in a subprocess."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "aitbc_node", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"aitbc-node {' '.join(args)} failed:\n{proc.stderr}")
+    return proc
+
+
+class NodeProcess:
+    """A node server in a subprocess, and an HTTP client for it."""
+
+    def __init__(self, data_dir: Path, *args: str) -> None:
+        self.data_dir = data_dir
+        self.args = list(args)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.proc: subprocess.Popen[str] | None = None
+        self.http = httpx.Client(timeout=30)
+        self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
+
+    def start(self, timeout: float = 60) -> NodeProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "a")  # noqa: SIM115 - the server process owns it
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "aitbc_node",
+                "serve",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.data_dir),
+                *self.args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"node exited at start:\n{self.output()}")
+            try:
+                if self.http.get(f"{self.url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        else:
+            raise AssertionError(f"node did not answer in {timeout}s:\n{self.output()}")
+        self.credentials = json.loads((self.data_dir / "credentials.json").read_text())
+        return self
+
+    def output(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    @property
+    def client_key(self) -> str:
+        return self.credentials["client"]
+
+    @property
+    def admin_key(self) -> str:
+        return self.credentials["admin"]
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies with no chance to clean up."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM and wait for the exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    # -- HTTP helpers --------------------------------------------------------------------
+
+    def request(self, method: str, path: str, key: str | None = None, **kw: Any) -> httpx.Response:
+        headers = kw.pop("headers", {})
+        if key is not None:
+            headers["X-Api-Key"] = key
+        return self.http.request(method, f"{self.url}{path}", headers=headers, **kw)
+
+    def submit(self, prompt: str = "Say hello.", key: str | None = None, **body: Any) -> dict:
+        body.setdefault("model", SMOL)
+        r = self.request(
+            "POST", "/v1/jobs", key or self.client_key, json={"prompt": prompt, **body}
+        )
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    def job(self, job_id: str, key: str | None = None) -> dict:
+        r = self.request("GET", f"/v1/jobs/{job_id}", key or self.client_key)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def wait_for(
+        self, job_id: str, statuses: tuple[str, ...], timeout: float = 60, key: str | None = None
+    ) -> dict:
+        """Poll until the job is in one of `statuses`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id, key)
+            if job["status"] in statuses:
+                return job
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job stayed {job['status']}, wanted {statuses}: {job}")
+            time.sleep(0.01)
+
+    def new_key(self, role: str, name: str) -> str:
+        return run_cli(
+            "keys", "create", "--role", role, "--name", name, "--data-dir", str(self.data_dir)
+        ).stdout.strip()
+
+    def register_miner(self, name: str, capabilities: list[str] | None = None) -> str:
+        """Make a miner key for `name` and register it; returns the key."""
+        key = self.new_key("miner", name)
+        r = self.request(
+            "POST",
+            "/v1/miners/register",
+            key,
+            json={"miner_id": name, "capabilities": capabilities or [SMOL], "gpu_info": {}},
+        )
+        assert r.status_code == 200, r.text
+        return key
+
+
+@pytest.fixture(scope="session")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    """One node with the built-in miner on the embedded model, shared by the session."""
+    proc = NodeProcess(
+        tmp_path_factory.mktemp("shared") / "data", "--alias", "llama3.2=" + SMOL
+    ).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Any]:
+    """Start nodes of this test's own (`start_node(*flags)`); all are stopped at the end."""
+    started: list[NodeProcess] = []
+
+    def start(*args: str, data_dir: Path | None = None) -> NodeProcess:
+        proc = NodeProcess(data_dir or tmp_path / f"node{len(started)}", *args).start()
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def coordinator(start_node: Any) -> NodeProcess:
+    """A node with no built-in miner and short leases, for driving the miner protocol."""
+    return start_node("--no-miner", "--lease-seconds", "1", "--max-attempts", "2")
+
+
+def db_snapshot(data_dir: Path) -> list[str]:
+    """Every row of every table of a node's database, as SQL text, read with stdlib sqlite3."""
+    import sqlite3
+
+    conn = sqlite3.connect(data_dir / "node.db")
+    try:
+        return list(conn.iterdump())
+    finally:
+        conn.close()
+
+
+if os.environ.get("AITBC_DATA_DIR"):
+    # A developer's own data directory must never leak into the tests' nodes.
+    del os.environ["AITBC_DATA_DIR"]
