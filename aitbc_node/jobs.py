@@ -186,9 +186,7 @@ class Jobs:
         principal.require("client", "admin")
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object", error_code="INVALID_BODY")
-        unknown = sorted(set(body) - {"prompt", "model", "params"})
-        if unknown:
-            raise BadRequest(f"unknown fields: {', '.join(unknown)}", error_code="UNKNOWN_FIELDS")
+        _reject_unknown(body, {"prompt", "model", "params"})
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise BadRequest("prompt must be a non-empty string", error_code="INVALID_PROMPT")
@@ -311,7 +309,9 @@ class Jobs:
 
     def claim(self, principal: Principal, job_id: str, body: Any) -> dict[str, Any]:
         """Claim `job_id` for the miner in `body`: exactly one of racing claims wins."""
-        miner = self.miners.require_registered(principal, _miner_id_of(body))
+        miner_id = _miner_id_of(body)
+        _reject_unknown(body, {"miner_id"})
+        miner = self.miners.require_registered(principal, miner_id)
         row = self.claim_as(miner["miner_id"], miner["capabilities"], job_id)
         return job_view(row)
 
@@ -364,10 +364,7 @@ class Jobs:
     def complete(self, principal: Principal, job_id: str, body: Any) -> dict[str, Any]:
         """Record a remote miner's result."""
         miner_id = _miner_id_of(body)
-        self.miners.require_registered(principal, miner_id)
-        unknown = sorted(set(body) - {"miner_id", "result", "completed_at", "usage"})
-        if unknown:
-            raise BadRequest(f"unknown fields: {', '.join(unknown)}", error_code="UNKNOWN_FIELDS")
+        _reject_unknown(body, {"miner_id", "result", "completed_at", "usage"})
         result = body.get("result")
         if not isinstance(result, str):
             raise BadRequest("result must be a string", error_code="INVALID_RESULT")
@@ -386,6 +383,9 @@ class Jobs:
                 " completion_tokens",
                 error_code="INVALID_USAGE",
             )
+        # Validate everything before the first write (the miner's last_seen), so a bad
+        # request leaves the store exactly as it was.
+        self.miners.require_registered(principal, miner_id)
         row = self.finish(
             job_id,
             miner_id,
@@ -398,13 +398,11 @@ class Jobs:
     def fail(self, principal: Principal, job_id: str, body: Any) -> dict[str, Any]:
         """Record that a remote miner could not run the job."""
         miner_id = _miner_id_of(body)
-        self.miners.require_registered(principal, miner_id)
-        unknown = sorted(set(body) - {"miner_id", "error"})
-        if unknown:
-            raise BadRequest(f"unknown fields: {', '.join(unknown)}", error_code="UNKNOWN_FIELDS")
+        _reject_unknown(body, {"miner_id", "error"})
         error = body.get("error")
         if not isinstance(error, str) or not error:
             raise BadRequest("error must be a non-empty string", error_code="INVALID_ERROR")
+        self.miners.require_registered(principal, miner_id)
         row = self.finish(job_id, miner_id, error=error[:4000], error_code="MINER_ERROR")
         return job_view(row)
 
@@ -568,3 +566,9 @@ def _miner_id_of(body: Any) -> str:
     if not isinstance(miner_id, str) or not miner_id:
         raise BadRequest("miner_id must be a non-empty string", error_code="INVALID_MINER_ID")
     return miner_id
+
+
+def _reject_unknown(body: dict[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise BadRequest(f"unknown fields: {', '.join(unknown)}", error_code="UNKNOWN_FIELDS")
