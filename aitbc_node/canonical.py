@@ -1,0 +1,80 @@
+"""Canonical JSON: one byte string per value, so signatures and hashes are reproducible.
+
+`canonical_bytes` is `json.dumps` with sorted keys, no whitespace and raw UTF-8, restricted to
+None, bool, int, str, list and dict with str keys. Floats are refused: their text form differs
+between languages and libraries, so a float in a signed document is a verification failure
+waiting to happen. Money and ratios travel as decimal strings instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+__all__ = ["CanonicalError", "canonical_bytes", "canonical_hash", "sha256_hex"]
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class CanonicalError(ValueError):
+    """A value cannot be canonicalised; the message names where in the structure it is."""
+
+
+def _child(path: str, key: str) -> str:
+    # `receipt.amount` reads best; other keys are quoted so that paths stay unambiguous.
+    if _IDENTIFIER.fullmatch(key):
+        return f"{path}.{key}"
+    return f"{path}[{json.dumps(key, ensure_ascii=False)}]"
+
+
+def _check_str(value: str, path: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # lone surrogates have no UTF-8 form
+        raise CanonicalError(f"{path}: string is not valid Unicode ({exc.reason})") from None
+
+
+def _check(value: object, path: str) -> None:
+    # bool is a subclass of int, so it passes the int check; float must be caught explicitly.
+    if value is None or isinstance(value, bool | int):
+        return
+    if isinstance(value, float):
+        raise CanonicalError(f"{path}: floats are not allowed (got {value!r}); use a string")
+    if isinstance(value, str):
+        _check_str(value, path)
+        return
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check(item, f"{path}[{i}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise CanonicalError(f"{path}: dict key {key!r} is not a string")
+            _check_str(key, path)
+            _check(item, _child(path, key))
+        return
+    raise CanonicalError(f"{path}: values of type {type(value).__name__} are not allowed")
+
+
+def canonical_bytes(obj: object, *, root: str = "value") -> bytes:
+    """Serialise `obj` canonically; raise CanonicalError (naming e.g. `receipt.amount`) if unfit.
+
+    `root` is the name used for the top of the structure in error paths.
+    """
+    _check(obj, root)
+    text = json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+    return text.encode("utf-8")
+
+
+def sha256_hex(data: bytes) -> str:
+    """Lowercase hex SHA-256 of `data`."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical_hash(obj: object, *, root: str = "value") -> str:
+    """SHA-256 hex of `canonical_bytes(obj)`."""
+    return sha256_hex(canonical_bytes(obj, root=root))

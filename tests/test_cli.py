@@ -1,0 +1,142 @@
+"""The `aitbc-node` command as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from aitbc_node import __version__
+from tests.conftest import ROOT, SMOL, NodeProcess, run_cli
+
+
+def test_version_and_help() -> None:
+    assert run_cli("--version").stdout.strip() == f"aitbc-node {__version__}"
+    help_text = run_cli("--help").stdout
+    assert "serve" in help_text and "keys" in help_text
+    serve_help = run_cli("serve", "--help").stdout
+    for flag in (
+        "--host",
+        "--port",
+        "--data-dir",
+        "--model",
+        "--no-miner",
+        "--gpu-layers",
+        "--alias",
+        "--lease-seconds",
+    ):
+        assert flag in serve_help
+
+
+def test_start_banner_names_urls_data_dir_model_and_client_key(start_node) -> None:
+    node: NodeProcess = start_node("--alias", f"llama3.2={SMOL}")
+    out = node.output()
+    assert f"http://127.0.0.1:{node.port}/api" in out
+    assert f"http://127.0.0.1:{node.port}/" in out
+    assert str(node.data_dir) in out
+    assert SMOL in out and "llama3.2 -> " + SMOL in out
+    assert node.client_key in out
+    assert node.admin_key not in out
+
+
+def test_first_start_makes_private_keys_and_data_dir(start_node) -> None:
+    node: NodeProcess = start_node()
+    creds = node.data_dir / "credentials.json"
+    assert stat.S_IMODE(creds.stat().st_mode) == 0o600
+    assert stat.S_IMODE(node.data_dir.stat().st_mode) == 0o700
+    assert set(json.loads(creds.read_text())) == {"admin", "client", "miner"}
+    # the store keeps only hashes of the keys
+    db = (node.data_dir / "node.db").read_bytes()
+    for key in json.loads(creds.read_text()).values():
+        assert key.encode() not in db
+
+
+def test_keys_create_list_revoke(tmp_path: Path) -> None:
+    data = str(tmp_path / "data")
+    key = run_cli("keys", "create", "--role", "client", "--name", "carol", "--data-dir", data)
+    assert key.stdout.startswith("ait_client_") and "not shown again" in key.stderr
+    dup = run_cli(
+        "keys", "create", "--role", "client", "--name", "carol", "--data-dir", data, check=False
+    )
+    assert dup.returncode == 2 and "exists" in dup.stderr
+    bad = run_cli(
+        "keys", "create", "--role", "client", "--name", "no spaces", "--data-dir", data, check=False
+    )
+    assert bad.returncode == 2 and "name must be" in bad.stderr
+    listed = json.loads(run_cli("keys", "list", "--json", "--data-dir", data).stdout)
+    assert [(k["name"], k["role"], k["revoked_at"]) for k in listed] == [("carol", "client", None)]
+    assert key.stdout.strip() not in json.dumps(listed)
+    assert "carol" in run_cli("keys", "list", "--data-dir", data).stdout
+    out = run_cli("keys", "revoke", "carol", "--data-dir", data).stdout
+    assert listed[0]["key_id"] in out
+    listed = json.loads(run_cli("keys", "list", "--json", "--data-dir", data).stdout)
+    assert listed[0]["revoked_at"] is not None
+    missing = run_cli("keys", "revoke", "key-nope", "--data-dir", data, check=False)
+    assert missing.returncode == 2 and "no key" in missing.stderr
+
+
+def test_a_taken_port_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = run_cli("--port", str(port), "--data-dir", str(tmp_path / "d"), check=False)
+    assert proc.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
+
+
+def test_a_missing_model_file_is_a_clear_error(tmp_path: Path) -> None:
+    proc = run_cli(
+        "serve",
+        "--model",
+        str(tmp_path / "nope.gguf"),
+        "--data-dir",
+        str(tmp_path / "d"),
+        check=False,
+    )
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    proc = run_cli("serve", "--alias", "broken", "--data-dir", str(tmp_path / "d"), check=False)
+    assert proc.returncode == 2 and "NAME=MODEL" in proc.stderr
+
+
+def test_ctrl_c_stops_the_node_cleanly(tmp_path: Path) -> None:
+    node = NodeProcess(tmp_path / "data", "--no-miner").start()
+    try:
+        node.proc.send_signal(signal.SIGINT)
+        assert node.proc.wait(20) == 0
+    finally:
+        node.stop()
+    assert "stopped cleanly" in node.output()
+    assert "Traceback" not in node.output()
+
+
+def test_serve_is_the_default_command_and_data_dir_env(tmp_path: Path) -> None:
+    env = {**os.environ, "AITBC_DATA_DIR": str(tmp_path / "from-env")}
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    number = port.getsockname()[1]
+    port.close()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aitbc_node", "--port", str(number), "--no-miner"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "from-env" / "credentials.json").exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    assert str(tmp_path / "from-env") in out
