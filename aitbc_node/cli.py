@@ -10,11 +10,15 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aitbc_node import __version__
 from aitbc_node.config import DEFAULT_HOST, DEFAULT_PORT, JobRules, Limits, default_data_dir
 from aitbc_node.errors import ApiError
 from aitbc_node.models import ModelError, embedded_model, parse_alias_arg, parse_model_arg
+
+if TYPE_CHECKING:
+    from aitbc_node.node import Node
 
 COMMANDS = ("serve", "keys")
 
@@ -150,7 +154,7 @@ def fail(message: str) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from aitbc_node import server
-    from aitbc_node.node import Node, NodeSettings
+    from aitbc_node.node import NodeSettings
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -198,18 +202,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sock = server.bind(settings.host, settings.port)
     except server.PortInUse as e:
         return fail(f"{e} (is another node running? pick another with --port)")
-    node = Node(settings)
     port = sock.getsockname()[1]
 
-    def banner() -> None:
+    def banner(node: Node) -> None:
         print(startup_banner(node, port), flush=True)
 
-    server.run(node, sock, banner)
+    server.run(settings, sock, banner)
     print("aitbc-node: stopped cleanly", flush=True)
     return 0
 
 
-def startup_banner(node, port: int) -> str:
+def startup_banner(node: Node, port: int) -> str:
     """What `serve` prints once it is listening."""
     host = node.settings.host
     shown_host = f"[{host}]" if ":" in host else host

@@ -146,9 +146,14 @@ class NodeProcess:
         return r.json()
 
     def wait_for(
-        self, job_id: str, statuses: tuple[str, ...], timeout: float = 60, key: str | None = None
+        self,
+        job_id: str,
+        statuses: tuple[str, ...],
+        timeout: float = 60,
+        key: str | None = None,
+        poll: float = 0.01,
     ) -> dict:
-        """Poll until the job is in one of `statuses`."""
+        """Poll every `poll` seconds until the job is in one of `statuses`."""
         deadline = time.monotonic() + timeout
         while True:
             job = self.job(job_id, key)
@@ -156,7 +161,7 @@ class NodeProcess:
                 return job
             if time.monotonic() > deadline:
                 raise AssertionError(f"job stayed {job['status']}, wanted {statuses}: {job}")
-            time.sleep(0.01)
+            time.sleep(poll)
 
     def new_key(self, role: str, name: str) -> str:
         return run_cli(

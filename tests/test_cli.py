@@ -140,3 +140,15 @@ def test_serve_is_the_default_command_and_data_dir_env(tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=20)
     assert proc.returncode == 0
     assert str(tmp_path / "from-env") in out
+
+
+def test_listening_socket_is_tcp_so_responses_are_not_delayed() -> None:
+    # asyncio turns on TCP_NODELAY for accepted connections only when the listening socket's
+    # proto is TCP; a bare socket.socket() (proto 0) made every response wait ~40 ms.
+    from aitbc_node.server import bind
+
+    sock = bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()
