@@ -22,6 +22,8 @@ from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 from aitbc_node import __version__, keys
 from aitbc_node.errors import ApiError, BadRequest, PayloadTooLarge
 from aitbc_node.keys import Principal
+from aitbc_node.receipts import verify_receipt
+from aitbc_node.signing import key_id_for
 
 if TYPE_CHECKING:
     from aitbc_node.node import Node
@@ -35,6 +37,7 @@ _store_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="api-store")
 HTTP_CODES = {
     400: "BAD_REQUEST",
     401: "INVALID_API_KEY",
+    402: "INSUFFICIENT_FUNDS",
     403: "FORBIDDEN",
     404: "NOT_FOUND",
     405: "METHOD_NOT_ALLOWED",
@@ -199,6 +202,107 @@ async def fail_job(request: Request, job_id: str) -> dict[str, Any]:
     return await authorized(request, lambda p: jobs.fail(p, job_id, body))
 
 
+# -- receipts and the explorer (public) ----------------------------------------------------
+
+
+@get("/v1/node")
+async def node_info(request: Request) -> dict[str, Any]:
+    """The node's public key (pin it to verify receipts), version, chain height, prices."""
+    return await in_thread(_node(request).describe)
+
+
+@get("/v1/receipts")
+async def list_receipts(
+    request: Request, client: str | None = None, limit: str | None = None, cursor: str | None = None
+) -> dict[str, Any]:
+    """Receipts, newest first; `client=ait1...` narrows them to one client's address."""
+    explorer = _node(request).explorer
+    return await in_thread(explorer.receipts, limit, cursor, client)
+
+
+@get("/v1/receipts/{receipt_id:str}")
+async def get_receipt(request: Request, receipt_id: str) -> dict[str, Any]:
+    """One signed receipt, exactly as the node signed it."""
+    return await in_thread(_node(request).explorer.receipt, receipt_id)
+
+
+@get("/v1/receipts/{receipt_id:str}/proof")
+async def receipt_proof(request: Request, receipt_id: str) -> dict[str, Any]:
+    """The block holding a receipt and the Merkle path from the receipt to the block's root."""
+    return await in_thread(_node(request).explorer.proof, receipt_id)
+
+
+@post("/v1/receipts/verify", status_code=HTTP_200_OK)
+async def verify_receipt_endpoint(request: Request) -> dict[str, Any]:
+    """`{"receipt": {...}, "public_key"?: hex}` in; a verdict and its reasons out.
+
+    Without `public_key` the receipt is checked against this node's own key.
+    """
+    body = await json_object(request)
+    receipt = body.get("receipt")
+    if not isinstance(receipt, dict):
+        raise BadRequest("receipt must be the receipt object", error_code="INVALID_RECEIPT")
+    public_key = body.get("public_key") or _node(request).key.public_key_hex
+    if not isinstance(public_key, str):
+        raise BadRequest("public_key must be a hex string", error_code="INVALID_PUBLIC_KEY")
+    verdict = verify_receipt(receipt, public_key)
+    try:
+        key_id = key_id_for(public_key)
+    except ValueError:
+        key_id = None
+    return {
+        "valid": verdict.valid,
+        "reasons": verdict.reasons,
+        "public_key": public_key,
+        "key_id": key_id,
+    }
+
+
+@get("/explorer/blocks")
+async def explorer_blocks(
+    request: Request, limit: str | None = None, cursor: str | None = None
+) -> dict[str, Any]:
+    """Sealed blocks, newest first."""
+    return await in_thread(_node(request).explorer.blocks, limit, cursor)
+
+
+@get("/explorer/blocks/{height:int}")
+async def explorer_block(request: Request, height: int) -> dict[str, Any]:
+    """One block with its receipt ids and transactions."""
+    return await in_thread(_node(request).explorer.block, height)
+
+
+@get("/explorer/transactions")
+async def explorer_transactions(
+    request: Request, limit: str | None = None, cursor: str | None = None
+) -> dict[str, Any]:
+    """Grants and payments, newest first."""
+    return await in_thread(_node(request).explorer.transactions, limit, cursor)
+
+
+@get("/explorer/receipts")
+async def explorer_receipts(
+    request: Request, limit: str | None = None, cursor: str | None = None
+) -> dict[str, Any]:
+    """Receipts, newest first, each beside the block that holds it."""
+    return await in_thread(_node(request).explorer.receipts, limit, cursor)
+
+
+@get("/explorer/stats")
+async def explorer_stats(request: Request) -> dict[str, Any]:
+    """Chain height, receipts, transactions, jobs by status, miners, tokens, value moved."""
+    node = _node(request)
+    return await in_thread(lambda: node.explorer.stats(node.jobs.stats()))
+
+
+@get("/explorer/addresses/{address:str}")
+async def explorer_address(
+    request: Request, address: str, limit: str | None = None
+) -> dict[str, Any]:
+    """An address's balance and recent transactions."""
+    return await in_thread(_node(request).explorer.address, address, limit)
+
+
 # -- the page and the errors ---------------------------------------------------------------
 
 
@@ -254,6 +358,17 @@ def create_app(node: Node) -> Litestar:
             claim_job,
             complete_job,
             fail_job,
+            node_info,
+            list_receipts,
+            get_receipt,
+            receipt_proof,
+            verify_receipt_endpoint,
+            explorer_blocks,
+            explorer_block,
+            explorer_transactions,
+            explorer_receipts,
+            explorer_stats,
+            explorer_address,
         ],
     )
     app = Litestar(

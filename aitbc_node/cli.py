@@ -15,12 +15,22 @@ from typing import TYPE_CHECKING
 from aitbc_node import __version__
 from aitbc_node.config import DEFAULT_HOST, DEFAULT_PORT, JobRules, Limits, default_data_dir
 from aitbc_node.errors import ApiError
+from aitbc_node.ledger import (
+    DEFAULT_GRANT,
+    DEFAULT_PRICE_PER_1K,
+    PriceError,
+    Pricing,
+    format_ait,
+    parse_ait,
+)
 from aitbc_node.models import ModelError, embedded_model, parse_alias_arg, parse_model_arg
 
 if TYPE_CHECKING:
     from aitbc_node.node import Node
+    from aitbc_node.store import Store
 
-COMMANDS = ("serve", "keys")
+EXIT_INVALID = 1  # `verify` found a break
+EXIT_USAGE = 2  # bad arguments or input
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +117,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="the largest max_tokens a job may ask for (%(default)s)",
     )
     serve.add_argument(
+        "--price",
+        action="append",
+        default=[],
+        metavar="MODEL=AIT",
+        help="price of MODEL in AIT per 1,000 tokens (repeatable)",
+    )
+    serve.add_argument(
+        "--default-price",
+        default=DEFAULT_PRICE_PER_1K,
+        metavar="AIT",
+        help="price of other models in AIT per 1,000 tokens (%(default)s)",
+    )
+    serve.add_argument(
+        "--credit",
+        default=format_ait(DEFAULT_GRANT),
+        metavar="AIT",
+        help="AIT granted to the default client key made on first start (%(default)s)",
+    )
+    serve.add_argument(
+        "--require-funds",
+        action="store_true",
+        help="refuse jobs (402) from clients whose balance cannot cover max_tokens",
+    )
+    serve.add_argument(
+        "--block-interval",
+        type=float,
+        default=2.0,
+        help="seconds between blocks, when there is anything to seal (%(default)s)",
+    )
+    serve.add_argument(
+        "--block-max-items",
+        type=int,
+        default=500,
+        help="receipts and transactions per block at most (%(default)s)",
+    )
+    serve.add_argument(
         "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
     )
     serve.set_defaults(run=cmd_serve)
@@ -124,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="the identity the key acts as: a client name, or the miner_id of a miner",
     )
+    create.add_argument(
+        "--credit",
+        default=format_ait(DEFAULT_GRANT),
+        metavar="AIT",
+        help="AIT granted to a new client's address (%(default)s)",
+    )
     add_data_dir(create)
     create.set_defaults(run=cmd_keys_create)
     listing = key_commands.add_parser("list", help="list keys (never their secrets)")
@@ -134,6 +186,34 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("key", help="a key id (key-...) or a key's name")
     add_data_dir(revoke)
     revoke.set_defaults(run=cmd_keys_revoke)
+    show = key_commands.add_parser(
+        "show", help="print the node's public key (what verifiers pin), never its secret"
+    )
+    show.add_argument("--json", action="store_true", help="print JSON")
+    add_data_dir(show)
+    show.set_defaults(run=cmd_keys_show)
+
+    verify = commands.add_parser(
+        "verify",
+        help="verify a receipt, or a node's whole ledger, offline",
+        description="Verify offline. `verify RECEIPT.json --pubkey KEY [--proof PROOF.json]` "
+        "checks one receipt (and its inclusion in a block) against a node key you trust. "
+        "`verify --data-dir DIR` re-checks a node's whole chain: every hash, Merkle root, "
+        "signature, link and balance; it names the first break. Exit status: 0 valid, "
+        "1 invalid, 2 bad input.",
+    )
+    verify.add_argument("receipt", nargs="?", type=Path, help="a receipt JSON file ('-': stdin)")
+    verify.add_argument("--pubkey", help="the trusted node public key (64 hex characters)")
+    verify.add_argument(
+        "--proof", type=Path, help="the receipt's proof JSON (GET /api/v1/receipts/ID/proof)"
+    )
+    verify.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="check the whole ledger of the node in DIR (trusting DIR's node key, or --pubkey)",
+    )
+    verify.set_defaults(run=cmd_verify)
     return parser
 
 
@@ -149,7 +229,7 @@ def add_data_dir(parser: argparse.ArgumentParser) -> None:
 
 def fail(message: str) -> int:
     print(f"aitbc-node: error: {message}", file=sys.stderr)
-    return 2
+    return EXIT_USAGE
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -180,6 +260,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
     if args.max_attempts < 1 or args.lease_seconds <= 0:
         return fail("--max-attempts must be at least 1 and --lease-seconds above 0")
+    if args.block_interval <= 0 or args.block_max_items < 1:
+        return fail("--block-interval must be above 0 and --block-max-items at least 1")
+    try:
+        pricing = Pricing(
+            default_per_token=parse_ait(args.default_price, per=1000),
+            per_model={
+                model: parse_ait(price, per=1000)
+                for model, price in (parse_alias_arg(p) for p in args.price)
+            },
+            grant=parse_ait(args.credit),
+        )
+    except (PriceError, ModelError) as e:
+        return fail(f"bad price or credit: {e} (prices are AIT per 1,000 tokens)")
     settings = NodeSettings(
         data_dir=(args.data_dir or default_data_dir()).expanduser().resolve(),
         host=args.host,
@@ -194,9 +287,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_attempts=args.max_attempts,
             miner_timeout_seconds=args.miner_timeout,
             accept_unserved_models=args.accept_unserved_models,
+            require_funds=args.require_funds,
             aliases=aliases,
         ),
         limits=Limits(max_tokens=args.max_tokens_limit),
+        pricing=pricing,
+        block_interval=args.block_interval,
+        block_max_items=args.block_max_items,
     )
     try:
         sock = server.bind(settings.host, settings.port)
@@ -237,6 +334,7 @@ def startup_banner(node: Node, port: int) -> str:
     else:
         lines.append("  Client key  (the default key was revoked; make one with `keys create`)")
     lines.append(f"  Keys file   {node.data_dir / 'credentials.json'}")
+    lines.append(f"  Node key    {node.key.public_key_hex} ({node.key.key_id})")
     model = node.miners.served_models()[0] if node.miners.served_models() else "MODEL"
     lines += [
         "",
@@ -248,21 +346,30 @@ def startup_banner(node: Node, port: int) -> str:
     return "\n".join(lines)
 
 
-def _open_store(args: argparse.Namespace):
+def _data_dir(args: argparse.Namespace) -> Path:
+    return (args.data_dir or default_data_dir()).expanduser()
+
+
+def _open_store(args: argparse.Namespace, *, must_exist: bool = False) -> Store:
+    from aitbc_node.node import DATABASE_FILE
     from aitbc_node.store import Store
 
-    data_dir = (args.data_dir or default_data_dir()).expanduser()
-    from aitbc_node.node import DATABASE_FILE
-
-    return Store(data_dir / DATABASE_FILE)
+    path = _data_dir(args) / DATABASE_FILE
+    if must_exist and not path.exists():
+        raise FileNotFoundError(f"no node database at {path}")
+    return Store(path)
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
     from aitbc_node import keys
 
+    try:
+        credit = parse_ait(args.credit)
+    except PriceError as e:
+        return fail(f"bad --credit: {e}")
     store = _open_store(args)
     try:
-        key, row = keys.create_key(store, args.role, args.name)
+        key, row = keys.create_key(store, args.role, args.name, credit=credit)
     except ApiError as e:
         return fail(e.detail)
     finally:
@@ -308,6 +415,105 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
         store.close()
     print(f"revoked {row['key_id']} ({row['role']} {row['name']})")
     return 0
+
+
+def cmd_keys_show(args: argparse.Namespace) -> int:
+    from aitbc_node.node import NODE_KEY_FILE
+    from aitbc_node.signing import KeyFileError, NodeKey
+
+    path = _data_dir(args) / NODE_KEY_FILE
+    if not path.exists():
+        return fail(f"no node key at {path}; start the node once to make one")
+    try:
+        key = NodeKey.load_or_create(path)
+    except KeyFileError as e:
+        return fail(str(e))
+    shown = {"public_key": key.public_key_hex, "key_id": key.key_id, "address": key.address}
+    if args.json:
+        print(json.dumps(shown, indent=2))
+    else:
+        for name, value in shown.items():
+            print(f"{name:<11} {value}")
+    return 0
+
+
+def _read_json(path: Path) -> object:
+    text = sys.stdin.read() if str(path) == "-" else path.read_text()
+    return json.loads(text)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    if args.receipt is None and args.data_dir is None:
+        return fail("give a receipt file (with --pubkey) or --data-dir DIR")
+    if args.receipt is not None:
+        return _verify_receipt_file(args)
+    return _verify_ledger(args)
+
+
+def _verify_receipt_file(args: argparse.Namespace) -> int:
+    from aitbc_node.chain import verify_inclusion
+    from aitbc_node.receipts import verify_receipt
+
+    if not args.pubkey:
+        return fail("--pubkey is required: the node public key you trust (keys show, /api/health)")
+    try:
+        receipt = _read_json(args.receipt)
+        proof = _read_json(args.proof) if args.proof else None
+    except (OSError, ValueError) as e:
+        return fail(f"cannot read the receipt or proof: {e}")
+    if not isinstance(receipt, dict):
+        return fail("the receipt file must hold a JSON object")
+    if proof is not None:
+        if not isinstance(proof, dict):
+            return fail("the proof file must hold a JSON object")
+        reasons = verify_inclusion(receipt, proof, args.pubkey)
+    else:
+        reasons = verify_receipt(receipt, args.pubkey).reasons
+    receipt_id = receipt.get("receipt_id", "the receipt")
+    if reasons:
+        print(f"INVALID: {receipt_id}")
+        for reason in reasons:
+            print(f"  - {reason}")
+        return EXIT_INVALID
+    where = f", included in block {proof['block']['header']['height']}" if proof else ""
+    print(f"VALID: {receipt_id} is signed by {args.pubkey[:16]}...{where}")
+    return 0
+
+
+def _verify_ledger(args: argparse.Namespace) -> int:
+    from aitbc_node.audit import audit
+    from aitbc_node.node import NODE_KEY_FILE
+    from aitbc_node.signing import KeyFileError, NodeKey
+
+    pubkey = args.pubkey
+    if not pubkey:
+        key_path = _data_dir(args) / NODE_KEY_FILE
+        if not key_path.exists():
+            return fail(f"no node key at {key_path}; pass --pubkey")
+        try:
+            pubkey = NodeKey.load_or_create(key_path).public_key_hex
+        except KeyFileError as e:
+            return fail(str(e))
+    try:
+        store = _open_store(args, must_exist=True)
+    except FileNotFoundError as e:
+        return fail(str(e))
+    try:
+        report = audit(store.read(), pubkey)
+    finally:
+        store.close()
+    counts = (
+        f"{report.blocks} blocks, {report.receipts} receipts, {report.transactions} transactions"
+        f" ({report.unsealed} not yet sealed)"
+    )
+    if report.ok:
+        print(f"VALID: {counts}; every hash, root, signature, link and balance checks out")
+        return 0
+    print(f"INVALID: {report.problems[0]}")
+    for problem in report.problems[1:]:
+        print(f"  also: {problem}")
+    print(f"({counts})")
+    return EXIT_INVALID
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,7 @@ class JobRules:
     max_attempts: int = 3
     miner_timeout_seconds: float = 300.0
     accept_unserved_models: bool = False
+    require_funds: bool = False
     aliases: dict[str, str] = field(default_factory=dict)
 
     @property

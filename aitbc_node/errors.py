@@ -39,6 +39,11 @@ class Unauthorized(ApiError):
     error_code = "INVALID_API_KEY"
 
 
+class PaymentRequired(ApiError):
+    status = 402
+    error_code = "INSUFFICIENT_FUNDS"
+
+
 class Forbidden(ApiError):
     status = 403
     error_code = "FORBIDDEN"

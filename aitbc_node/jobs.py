@@ -10,16 +10,17 @@ statement changes nothing, `_explain` reads the row to say why, with the right s
 
 from __future__ import annotations
 
-import base64
 import json
 import secrets
 from typing import Any
 
 from aitbc_node.clock import now_ms, rfc3339
 from aitbc_node.config import JobRules, Limits
-from aitbc_node.errors import BadRequest, Conflict, Forbidden, NotFound
+from aitbc_node.errors import BadRequest, Conflict, Forbidden, NotFound, PaymentRequired
 from aitbc_node.keys import Principal
+from aitbc_node.ledger import Ledger, balance, client_address, format_ait
 from aitbc_node.miners import Miners
+from aitbc_node.paging import decode_cursor, page, parse_limit
 from aitbc_node.signals import Signals
 from aitbc_node.store import Connection, Row, Store
 
@@ -88,38 +89,6 @@ def validate_params(params: Any, limits: Limits) -> dict[str, Any]:
     return out
 
 
-def _encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> int:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if not raw.startswith("s"):
-            raise ValueError(raw)
-        return int(raw[1:])
-    except ValueError:
-        raise BadRequest(
-            "cursor is not one this node gave out", error_code="INVALID_CURSOR"
-        ) from None
-
-
-def parse_limit(raw: str | None, limits: Limits) -> int:
-    """A list's `limit` query parameter: an integer from 1 to the bound, with a default."""
-    if raw is None or raw == "":
-        return limits.default_list_limit
-    try:
-        limit = int(raw)
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= limits.max_list_limit:
-        raise BadRequest(
-            f"limit must be an integer from 1 to {limits.max_list_limit}",
-            error_code="INVALID_LIMIT",
-        )
-    return limit
-
-
 def job_view(row: Row) -> dict[str, Any]:
     """A job as the API shows it."""
     usage = None
@@ -147,9 +116,10 @@ def job_view(row: Row) -> dict[str, Any]:
         "created_at": rfc3339(row["created_ms"]),
         "started_at": rfc3339(row["started_ms"]),
         "completed_at": rfc3339(row["completed_ms"]),
-        "lease_expires_at": rfc3339(row["lease_expires_ms"])
-        if row["status"] == "running"
-        else None,
+        "lease_expires_at": (
+            rfc3339(row["lease_expires_ms"]) if row["status"] == "running" else None
+        ),
+        "receipt_id": row["receipt_id"],
     }
 
 
@@ -157,9 +127,16 @@ class Jobs:
     """The job rules over the store."""
 
     def __init__(
-        self, store: Store, miners: Miners, signals: Signals, rules: JobRules, limits: Limits
+        self,
+        store: Store,
+        miners: Miners,
+        signals: Signals,
+        ledger: Ledger,
+        rules: JobRules,
+        limits: Limits,
     ) -> None:
         self.store = store
+        self.ledger = ledger
         self.miners = miners
         self.signals = signals
         self.rules = rules
@@ -201,6 +178,8 @@ class Jobs:
         params = validate_params(body.get("params"), self.limits)
         served_model = self.resolve_model(model)
         with self.store.write() as db:
+            if self.rules.require_funds:
+                self._check_funds(db, principal.identity, served_model, params["max_tokens"])
             row = db.one(
                 "INSERT INTO jobs (job_id, client, prompt, model, served_model, params, status,"
                 " created_ms) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?) RETURNING *",
@@ -217,6 +196,18 @@ class Jobs:
         self.signals.work_available()
         assert row is not None
         return job_view(row)
+
+    def _check_funds(self, db: Connection, identity: str, model: str, max_tokens: int) -> None:
+        """402 unless the client's balance covers `max_tokens` of `model`."""
+        address = client_address(identity)
+        worst_case = max_tokens * self.ledger.pricing.unit_price(model)
+        held = balance(db, address)
+        if held < worst_case:
+            raise PaymentRequired(
+                f"{address} holds {format_ait(held)} AIT; max_tokens={max_tokens} of {model}"
+                f" may cost up to {format_ait(worst_case)} AIT",
+                error_code="INSUFFICIENT_FUNDS",
+            )
 
     def _visible_row(self, principal: Principal, job_id: str) -> Row:
         row = self.store.read().one("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
@@ -263,15 +254,14 @@ class Jobs:
             args.append(status)
         if cursor:
             where.append("seq < ?")
-            args.append(_decode_cursor(cursor))
+            args.append(decode_cursor(cursor))
         sql = "SELECT * FROM jobs"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY seq DESC LIMIT ?"
         rows = self.store.read().execute(sql, (*args, limit + 1))
-        page = rows[:limit]
-        next_cursor = _encode_cursor(page[-1]["seq"]) if len(rows) > limit else None
-        return {"jobs": [job_view(r) for r in page], "next_cursor": next_cursor}
+        items, next_cursor = page(rows, limit)
+        return {"jobs": [job_view(r) for r in items], "next_cursor": next_cursor}
 
     def cancel(self, principal: Principal, job_id: str) -> dict[str, Any]:
         """Cancel a pending or running job of `principal`'s; 409 once it has ended."""
@@ -364,7 +354,13 @@ class Jobs:
     def complete(self, principal: Principal, job_id: str, body: Any) -> dict[str, Any]:
         """Record a remote miner's result."""
         miner_id = _miner_id_of(body)
-        _reject_unknown(body, {"miner_id", "result", "completed_at", "usage"})
+        _reject_unknown(body, {"miner_id", "result", "completed_at", "usage", "model_sha256"})
+        model_sha256 = body.get("model_sha256", "unreported")
+        if not isinstance(model_sha256, str) or not 0 < len(model_sha256) <= 128:
+            raise BadRequest(
+                "model_sha256 must be the hex SHA-256 of the model file",
+                error_code="INVALID_MODEL_SHA256",
+            )
         result = body.get("result")
         if not isinstance(result, str):
             raise BadRequest("result must be a string", error_code="INVALID_RESULT")
@@ -392,6 +388,7 @@ class Jobs:
             result=result,
             prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens"),
+            model_sha256=model_sha256,
         )
         return job_view(row)
 
@@ -416,8 +413,12 @@ class Jobs:
         error_code: str | None = None,
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
+        model_sha256: str = "unreported",
     ) -> Row:
-        """Move a job this miner holds to completed (a result) or failed (an error)."""
+        """Move a job this miner holds to completed (a result) or failed (an error).
+
+        A completion writes the job, its signed receipt and its payment in one transaction.
+        """
         status = "failed" if error is not None else "completed"
         with self.store.write() as db:
             row = db.one(
@@ -440,7 +441,10 @@ class Jobs:
             if row is None:
                 action = "complete" if status == "completed" else "fail"
                 self._explain(db, job_id, miner_id, action=action)
-        assert row is not None
+            assert row is not None
+            if status == "completed":
+                receipt = self.ledger.issue_receipt(db, row, model_sha256=model_sha256)
+                row["receipt_id"] = receipt["receipt_id"]
         return row
 
     def release(self, job_id: str, miner_id: str) -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from aitbc_node.clock import now_ms, rfc3339
 from aitbc_node.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
+from aitbc_node.ledger import DEFAULT_GRANT, record_grant
 from aitbc_node.store import Row, Store
 
 ROLES = ("client", "miner", "admin")
@@ -47,15 +48,21 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def create_key(store: Store, role: str, name: str, identity: str | None = None) -> tuple[str, Row]:
-    """Make a key for `name` (its identity defaults to the name) and return (plaintext, row)."""
+def create_key(
+    store: Store, role: str, name: str, *, credit: int = DEFAULT_GRANT
+) -> tuple[str, Row]:
+    """Make a key acting as identity `name` and return (plaintext, row).
+
+    A client key comes with a grant of `credit` nAIT to its identity's address, written in the
+    same transaction as the key.
+    """
     if role not in ROLES:
         raise BadRequest(f"role must be one of {', '.join(ROLES)}", error_code="INVALID_ROLE")
     if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
         raise BadRequest(
             "name must be 1-64 letters, digits, '-', '_' or '.'", error_code="INVALID_NAME"
         )
-    identity = identity or name
+    identity = name
     key = f"ait_{role}_{secrets.token_urlsafe(24)}"
     row = {
         "key_id": f"key-{secrets.token_hex(6)}",
@@ -76,6 +83,8 @@ def create_key(store: Store, role: str, name: str, identity: str | None = None) 
             " VALUES (:key_id, :key_hash, :name, :role, :identity, :created_ms)",
             row,
         )
+        if role == "client" and credit > 0:
+            record_grant(db, identity, credit)
     return key, row
 
 
@@ -132,7 +141,9 @@ def revoke_key(store: Store, key_id_or_name: str) -> Row:
         return row
 
 
-def ensure_initial_keys(store: Store, data_dir: Path) -> dict[str, str]:
+def ensure_initial_keys(
+    store: Store, data_dir: Path, credit: int = DEFAULT_GRANT
+) -> dict[str, str]:
     """On first start make the admin, default client and built-in miner keys.
 
     The plaintext keys are kept in `credentials.json` in the data directory (mode 0600) so the
@@ -145,7 +156,7 @@ def ensure_initial_keys(store: Store, data_dir: Path) -> dict[str, str]:
         return json.loads(path.read_text())
     credentials = {}
     for role, name in (("admin", "admin"), ("client", "default"), ("miner", BUILTIN_MINER_ID)):
-        key, _ = create_key(store, role, name)
+        key, _ = create_key(store, role, name, credit=credit)
         credentials[role] = key
     write_private(path, json.dumps(credentials, indent=2) + "\n")
     return credentials

@@ -84,6 +84,65 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     )
 
 
+@migration
+def m002_ledger(db: sqlite_utils.Database) -> None:
+    # Each ledger row keeps its signed or hashed document as canonical JSON text; the other
+    # columns are indexes over it, and `aitbc-node verify` checks that they agree.
+    db.execute("ALTER TABLE jobs ADD COLUMN receipt_id TEXT")
+    db.execute(
+        """
+        CREATE TABLE receipts (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            receipt_id TEXT NOT NULL UNIQUE,
+            job_id TEXT NOT NULL UNIQUE,
+            client_address TEXT NOT NULL,
+            document TEXT NOT NULL,
+            block_height INTEGER
+        )
+        """
+    )
+    db.execute("CREATE INDEX receipts_by_client ON receipts (client_address, seq)")
+    db.execute("CREATE INDEX receipts_by_block ON receipts (block_height, seq)")
+    db.execute(
+        """
+        CREATE TABLE transactions (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            tx_id TEXT NOT NULL UNIQUE,
+            kind TEXT NOT NULL CHECK (kind IN ('grant', 'payment')),
+            from_address TEXT,
+            to_address TEXT NOT NULL,
+            amount INTEGER NOT NULL CHECK (amount >= 0),
+            job_id TEXT,
+            document TEXT NOT NULL,
+            block_height INTEGER
+        )
+        """
+    )
+    db.execute("CREATE INDEX transactions_by_block ON transactions (block_height, seq)")
+    db.execute("CREATE INDEX transactions_from ON transactions (from_address, seq)")
+    db.execute("CREATE INDEX transactions_to ON transactions (to_address, seq)")
+    db.execute(
+        """
+        CREATE TABLE blocks (
+            height INTEGER PRIMARY KEY,
+            header TEXT NOT NULL,
+            block_hash TEXT NOT NULL UNIQUE,
+            signature TEXT NOT NULL
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE accounts (
+            address TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            identity TEXT NOT NULL,
+            balance INTEGER NOT NULL DEFAULT 0
+        )
+        """
+    )
+
+
 def apply(path: Path) -> list[str]:
     """Bring the database at `path` up to the newest schema; return the migrations that ran."""
     db = sqlite_utils.Database(path)

@@ -63,6 +63,9 @@ class BuiltinMiner:
     def start(self) -> None:
         """Register with the node and start serving."""
         self.miners.register_builtin(self.miner_id, sorted(self.engines), self.gpu_info)
+        # Receipts name each model file's SHA-256; hash the files now, beside the first jobs,
+        # rather than making the first completion wait for it.
+        threading.Thread(target=self._hash_models, name="model-hash", daemon=True).start()
         self._thread.start()
         self._heartbeat.start()
 
@@ -74,6 +77,10 @@ class BuiltinMiner:
         for thread in (self._thread, self._heartbeat):
             if thread.is_alive():
                 thread.join(timeout)
+
+    def _hash_models(self) -> None:
+        for engine in self.engines.values():
+            _ = engine.model.sha256
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -94,8 +101,9 @@ class BuiltinMiner:
         cancelled = self.signals.watch_cancel(job_id)
         self.current_job = job_id
         self._busy.set()
+        engine = self.engines[row["served_model"]]
         try:
-            generation = self.engines[row["served_model"]].generate(
+            generation = engine.generate(
                 row["prompt"],
                 json.loads(row["params"]),
                 should_stop=lambda: cancelled.is_set() or self._stop.is_set(),
@@ -104,14 +112,16 @@ class BuiltinMiner:
             log.warning("job %s failed in the engine: %s", job_id, e)
             self._record(job_id, error=f"{type(e).__name__}: {e}", error_code="ENGINE_ERROR")
         else:
-            self._settle(job_id, generation, cancelled.is_set())
+            self._settle(job_id, generation, cancelled.is_set(), engine.model.sha256)
         finally:
             self.signals.unwatch_cancel(job_id)
             self.current_job = None
             self._busy.clear()
             self.jobs_done += 1
 
-    def _settle(self, job_id: str, generation: Generation, cancelled: bool) -> None:
+    def _settle(
+        self, job_id: str, generation: Generation, cancelled: bool, model_sha256: str
+    ) -> None:
         if cancelled:
             log.info("job %s was cancelled after %d tokens", job_id, generation.completion_tokens)
         elif generation.finish_reason == "aborted":
@@ -123,6 +133,7 @@ class BuiltinMiner:
                 result=generation.text,
                 prompt_tokens=generation.prompt_tokens,
                 completion_tokens=generation.completion_tokens,
+                model_sha256=model_sha256,
             )
 
     def _record(self, job_id: str, **outcome: Any) -> None:

@@ -14,16 +14,20 @@ from typing import Any
 
 from aitbc_node import __version__, keys
 from aitbc_node.config import DEFAULT_HOST, DEFAULT_PORT, JobRules, Limits
+from aitbc_node.explorer import Explorer
 from aitbc_node.jobs import Jobs
 from aitbc_node.leases import LeaseReaper
+from aitbc_node.ledger import BlockSealer, Ledger, Pricing
 from aitbc_node.miners import Miners
 from aitbc_node.models import ModelFile
 from aitbc_node.signals import Signals
+from aitbc_node.signing import NodeKey
 from aitbc_node.store import Store
 
 log = logging.getLogger("aitbc_node.node")
 
 DATABASE_FILE = "node.db"
+NODE_KEY_FILE = "node.key"
 
 
 @dataclass
@@ -40,6 +44,9 @@ class NodeSettings:
     threads: int | None = None
     rules: JobRules = field(default_factory=JobRules)
     limits: Limits = field(default_factory=Limits)
+    pricing: Pricing = field(default_factory=Pricing)
+    block_interval: float = 2.0
+    block_max_items: int = 500
 
 
 class Node:
@@ -51,12 +58,21 @@ class Node:
         self.data_dir = settings.data_dir
         self.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.data_dir, 0o700)
+        self.key = NodeKey.load_or_create(self.data_dir / NODE_KEY_FILE)
         self.store = Store(self.data_dir / DATABASE_FILE)
         self.signals = Signals()
         self.miners = Miners(self.store, settings.rules)
-        self.jobs = Jobs(self.store, self.miners, self.signals, settings.rules, settings.limits)
-        self.credentials = keys.ensure_initial_keys(self.store, self.data_dir)
+        self.ledger = Ledger(self.store, self.key, settings.pricing)
+        self.ledger.ensure_genesis()
+        self.jobs = Jobs(
+            self.store, self.miners, self.signals, self.ledger, settings.rules, settings.limits
+        )
+        self.explorer = Explorer(self.store, settings.limits, settings.block_interval)
+        self.credentials = keys.ensure_initial_keys(
+            self.store, self.data_dir, credit=settings.pricing.grant
+        )
         self.reaper = LeaseReaper(self.jobs)
+        self.sealer = BlockSealer(self.ledger, settings.block_interval, settings.block_max_items)
         self.miner: Any = None  # a BuiltinMiner once started with models
 
     def start(self) -> None:
@@ -71,6 +87,7 @@ class Node:
         if self.settings.run_miner and self.settings.models:
             self.miner = self._start_miner()
         self.reaper.start()
+        self.sealer.start()
 
     def _start_miner(self) -> Any:
         # The engine (llama.cpp) is imported only when a miner runs, so `--no-miner`
@@ -102,10 +119,12 @@ class Node:
         return miner
 
     def stop(self) -> None:
-        """Stop the miner (its job goes back to the queue), the reaper, then close the store."""
+        """Stop the miner (its job goes back to the queue), the reaper, seal what is left, and
+        close the store."""
         if self.miner is not None:
             self.miner.stop()
         self.reaper.stop()
+        self.sealer.stop()
         self.store.close()
 
     def health(self) -> dict[str, Any]:
@@ -125,6 +144,34 @@ class Node:
             "models": self.miners.served_models(),
             "aliases": dict(self.settings.rules.aliases),
             "miner": miner,
+            "node": self.identity(),
+        }
+
+    def identity(self) -> dict[str, Any]:
+        """The node's public key: what verifiers pin to check its receipts and blocks."""
+        return {
+            "public_key": self.key.public_key_hex,
+            "key_id": self.key.key_id,
+            "address": self.key.address,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """What `GET /api/v1/node` shows: identity, version, chain and pricing settings."""
+        height = self.store.read().one("SELECT max(height) AS h FROM blocks")
+        pricing = self.settings.pricing
+        return {
+            **self.identity(),
+            "version": __version__,
+            "height": height["h"] if height else None,
+            "block_interval_seconds": self.settings.block_interval,
+            "block_max_items": self.settings.block_max_items,
+            "unit": "nAIT (1 AIT = 1,000,000,000 nAIT)",
+            "price_per_token": {
+                "default": pricing.default_per_token,
+                **pricing.per_model,
+            },
+            "client_grant": pricing.grant,
+            "require_funds": self.settings.rules.require_funds,
         }
 
     def explorer_html(self) -> str:

@@ -1,0 +1,180 @@
+"""Re-check a node's whole ledger from its SQLite file: `aitbc-node verify --data-dir DIR`.
+
+Every block's hash, signature and link to the one before; every block's Merkle root against the
+receipts and transactions that claim to be in it; every receipt's signature; every column
+against the signed or hashed document it indexes; every payment against its receipt; and every
+balance against the transactions. The first break is named, with its block where it has one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from aitbc_node.canonical import CanonicalError, canonical_bytes, sha256_hex
+from aitbc_node.chain import GENESIS_PREV_HASH, block_problems
+from aitbc_node.ledger import miner_address
+from aitbc_node.merkle import merkle_root
+from aitbc_node.receipts import verify_receipt
+from aitbc_node.store import Connection
+
+RECEIPT_COLUMNS = ("receipt_id", "job_id", "client_address")
+TX_COLUMNS = {
+    "tx_id": "tx_id",
+    "kind": "kind",
+    "from_address": "from",
+    "to_address": "to",
+    "amount": "amount",
+    "job_id": "job_id",
+}
+
+
+@dataclass
+class AuditReport:
+    """What the audit found: the breaks (first one first) and what it counted."""
+
+    problems: list[str] = field(default_factory=list)
+    blocks: int = 0
+    receipts: int = 0
+    transactions: int = 0
+    unsealed: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _document(row: dict[str, Any], what: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The parsed document of a row, or why it is not a canonical JSON document."""
+    try:
+        document = json.loads(row["document"])
+        if canonical_bytes(document).decode() != row["document"]:
+            return None, f"{what} is not stored as canonical JSON"
+        return document, None
+    except (ValueError, CanonicalError) as e:
+        return None, f"{what} is not valid JSON: {e}"
+
+
+def _where(height: int | None) -> str:
+    return "unsealed" if height is None else f"block {height}"
+
+
+def audit(db: Connection, trusted_public_key_hex: str) -> AuditReport:
+    """Check the ledger in `db` against the trusted node key."""
+    report = AuditReport()
+    problems = report.problems
+    blocks = db.execute("SELECT * FROM blocks ORDER BY height")
+    receipts = db.execute("SELECT * FROM receipts ORDER BY seq")
+    txs = db.execute("SELECT * FROM transactions ORDER BY seq")
+    report.blocks, report.receipts, report.transactions = len(blocks), len(receipts), len(txs)
+    heights = {b["height"] for b in blocks}
+
+    # -- the items: documents, signatures, columns ---------------------------------------
+    leaves: dict[int, list[str]] = defaultdict(list)
+    tx_leaves: dict[int, list[str]] = defaultdict(list)
+    receipts_by_id: dict[str, dict[str, Any]] = {}
+    for row in receipts:
+        where = _where(row["block_height"])
+        name = f"{where}: receipt {row['receipt_id']}"
+        document, problem = _document(row, name)
+        if document is None:
+            problems.append(str(problem))
+            continue
+        verdict = verify_receipt(document, trusted_public_key_hex)
+        if not verdict.valid:
+            problems.append(f"{name} does not verify: {'; '.join(verdict.reasons)}")
+        for column in RECEIPT_COLUMNS:
+            if row[column] != document.get(column):
+                problems.append(f"{name}: column {column} differs from the signed receipt")
+        receipts_by_id[document.get("receipt_id", "")] = document
+        if row["block_height"] is None:
+            report.unsealed += 1
+        else:
+            leaves[row["block_height"]].append(sha256_hex(row["document"].encode()))
+
+    balances: dict[str, int] = defaultdict(int)
+    for row in txs:
+        name = f"{_where(row['block_height'])}: transaction {row['tx_id']}"
+        document, problem = _document(row, name)
+        if document is None:
+            problems.append(str(problem))
+            continue
+        for column, key in TX_COLUMNS.items():
+            if row[column] != document.get(key):
+                problems.append(f"{name}: column {column} differs from its document")
+        if document.get("kind") == "payment":
+            receipt = receipts_by_id.get(document.get("receipt_id"))
+            if receipt is None:
+                problems.append(f"{name}: pays for a receipt that does not exist")
+            elif (
+                document.get("amount") != receipt["amount"]
+                or document.get("from") != receipt["client_address"]
+                or document.get("to") != miner_address(receipt["miner_id"])
+                or document.get("job_id") != receipt["job_id"]
+            ):
+                problems.append(f"{name}: does not match receipt {receipt['receipt_id']}")
+        amount = document.get("amount", 0)
+        balances[document.get("to")] += amount
+        if document.get("from") is not None:
+            balances[document["from"]] -= amount
+        if row["block_height"] is None:
+            report.unsealed += 1
+        else:
+            tx_leaves[row["block_height"]].append(sha256_hex(row["document"].encode()))
+
+    for height in sorted(set(leaves) | set(tx_leaves)):
+        if height not in heights:
+            count = len(leaves[height]) + len(tx_leaves[height])
+            problems.append(f"block {height} is missing: {count} receipts and transactions name it")
+
+    # -- the chain: links, hashes, signatures, roots ----------------------------------------
+    previous_hash = GENESIS_PREV_HASH
+    for expected, row in enumerate(blocks):
+        height = row["height"]
+        if height != expected:
+            problems.append(f"block {expected} is missing: the chain jumps to block {height}")
+            break
+        try:
+            header = json.loads(row["header"])
+        except ValueError:
+            problems.append(f"block {height}: the header is not valid JSON")
+            break
+        block = {"header": header, "hash": row["block_hash"], "signature": row["signature"]}
+        problems += [f"block {height}: {p}" for p in block_problems(block, trusted_public_key_hex)]
+        if header.get("height") != height:
+            problems.append(f"block {height}: its header says height {header.get('height')}")
+        if header.get("prev_hash") != previous_hash:
+            problems.append(f"block {height}: does not link to block {height - 1}")
+        items = leaves.get(height, []) + tx_leaves.get(height, [])
+        if header.get("merkle_root") != merkle_root(items):
+            problems.append(
+                f"block {height}: the Merkle root does not match its receipts and transactions"
+            )
+        if (header.get("receipt_count"), header.get("tx_count")) != (
+            len(leaves.get(height, [])),
+            len(tx_leaves.get(height, [])),
+        ):
+            problems.append(f"block {height}: its receipt or transaction count is wrong")
+        previous_hash = row["block_hash"]
+
+    # -- balances ----------------------------------------------------------------------------
+    accounts = {r["address"]: r["balance"] for r in db.execute("SELECT * FROM accounts")}
+    for address in sorted(set(accounts) | set(balances)):
+        if accounts.get(address, 0) != balances.get(address, 0):
+            problems.append(
+                f"account {address}: balance {accounts.get(address, 0)} nAIT, but its"
+                f" transactions add up to {balances.get(address, 0)}"
+            )
+    problems.sort(key=_block_order)
+    return report
+
+
+def _block_order(problem: str) -> tuple[int, int]:
+    """Order problems by the block they name, so the first break comes first."""
+    if problem.startswith("block "):
+        number = problem.split()[1].rstrip(":")
+        if number.isdigit():
+            return (0, int(number))
+    return (1, 0) if problem.startswith("unsealed") else (2, 0)

@@ -1,0 +1,54 @@
+"""Paging for list endpoints: a bounded `limit` and an opaque cursor (newest first)."""
+
+from __future__ import annotations
+
+import base64
+
+from aitbc_node.config import Limits
+from aitbc_node.errors import BadRequest
+from aitbc_node.store import Row
+
+
+def encode_cursor(seq: int) -> str:
+    """An opaque cursor for the rows below sequence number `seq`."""
+    return base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    """The sequence number inside a cursor; 400 for one this node did not make."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if not raw.startswith("s"):
+            raise ValueError(raw)
+        return int(raw[1:])
+    except ValueError:
+        raise BadRequest(
+            "cursor is not one this node gave out", error_code="INVALID_CURSOR"
+        ) from None
+
+
+def parse_limit(raw: str | None, limits: Limits) -> int:
+    """A list's `limit` query parameter: an integer from 1 to the bound, with a default."""
+    if raw is None or raw == "":
+        return limits.default_list_limit
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= limits.max_list_limit:
+        raise BadRequest(
+            f"limit must be an integer from 1 to {limits.max_list_limit}",
+            error_code="INVALID_LIMIT",
+        )
+    return limit
+
+
+def page(rows: list[Row], limit: int, key: str = "seq") -> tuple[list[Row], str | None]:
+    """Split `limit + 1` fetched rows into one page and the cursor for the next."""
+    items = rows[:limit]
+    return items, encode_cursor(items[-1][key]) if len(rows) > limit else None
+
+
+def before_cursor(cursor: str | None) -> int:
+    """The sequence number a page starts below (everything, without a cursor)."""
+    return decode_cursor(cursor) if cursor else 2**63 - 1
