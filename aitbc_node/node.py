@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-from importlib import resources
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
