@@ -10,19 +10,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from litestar import Litestar, MediaType, Request, Response, Router, get, post
+from litestar import Litestar, MediaType, Request, Response, Router, delete, get, post
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
+from litestar.response import ServerSentEvent
+from litestar.response.sse import ServerSentEventMessage
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 
 from aitbc_node import __version__, keys
 from aitbc_node.errors import ApiError, BadRequest, PayloadTooLarge
+from aitbc_node.jobs import TERMINAL
 from aitbc_node.keys import Principal
 from aitbc_node.receipts import verify_receipt
+from aitbc_node.signals import WORK, job_key, progress_key
 from aitbc_node.signing import key_id_for
 
 if TYPE_CHECKING:
@@ -33,6 +37,8 @@ T = TypeVar("T")
 
 # Store calls run here rather than on the event loop (see the module docstring).
 _store_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="api-store")
+
+STREAM_KEEPALIVE_SECONDS = 15.0
 
 HTTP_CODES = {
     400: "BAD_REQUEST",
@@ -63,9 +69,35 @@ async def authorized(request: Request, fn: Callable[[Principal], T]) -> T:
     api_key = request.headers.get("x-api-key")
 
     def call() -> T:
-        return fn(keys.authenticate(node.store, api_key))
+        principal = keys.authenticate(node.store, api_key)
+        node.rate_limiter.check(principal.role, principal.key_id)
+        return fn(principal)
 
     return await in_thread(call)
+
+
+def public(request: Request) -> Node:
+    """The node, once this public read is within the caller's address's rate limit."""
+    node = _node(request)
+    address = request.client.host if request.client else "unknown"
+    node.rate_limiter.check("public", address)
+    return node
+
+
+def parse_wait(raw: str | None, request: Request) -> float:
+    """The `wait` query parameter: seconds to long-poll, 0 to the bound (60)."""
+    if raw is None or raw == "":
+        return 0.0
+    bound = _node(request).limits.max_wait_seconds
+    try:
+        wait = float(raw)
+    except ValueError:
+        wait = -1.0
+    if not 0 <= wait <= bound:
+        raise BadRequest(
+            f"wait must be a number of seconds from 0 to {bound:g}", error_code="INVALID_WAIT"
+        )
+    return wait
 
 
 async def json_body(request: Request) -> Any:
@@ -104,19 +136,19 @@ async def json_object(request: Request) -> dict[str, Any]:
 @get("/health", sync_to_thread=False)
 def health(request: Request) -> dict[str, Any]:
     """Liveness, version, the models served and the built-in miner's state."""
-    return _node(request).health()
+    return public(request).health()
 
 
 @get("/v1/stats")
 async def stats(request: Request) -> dict[str, Any]:
     """Jobs by status, miners online, queue depth, tokens generated, average latency."""
-    return await in_thread(_node(request).jobs.stats)
+    return await in_thread(public(request).jobs.stats)
 
 
 @get("/v1/miners")
 async def list_miners(request: Request) -> dict[str, Any]:
     """Every registered miner with its models and state."""
-    return {"miners": await in_thread(_node(request).miners.list)}
+    return {"miners": await in_thread(public(request).miners.list)}
 
 
 # -- clients -----------------------------------------------------------------------------
@@ -140,17 +172,41 @@ async def list_jobs(
 
 
 @get("/v1/jobs/available")
-async def available_jobs(request: Request, miner_id: str | None = None) -> dict[str, Any]:
-    """Pending jobs for the models this miner registered, oldest first."""
-    jobs = _node(request).jobs
-    return await authorized(request, lambda p: jobs.available(p, miner_id))
+async def available_jobs(
+    request: Request, miner_id: str | None = None, wait: str | None = None
+) -> dict[str, Any]:
+    """Pending jobs for the models this miner registered, oldest first. With `wait=SECONDS`
+    (up to 60) the answer comes the moment a matching job is submitted."""
+    seconds = parse_wait(wait, request)
+    node = _node(request)
+    found = await authorized(request, lambda p: (p, node.jobs.available(p, miner_id)))
+    principal, offer = found
+    if offer["jobs"] or seconds == 0:
+        return offer
+
+    async def offered() -> dict[str, Any] | None:
+        current = await in_thread(node.jobs.available, principal, miner_id)
+        return current if current["jobs"] else None
+
+    return await node.signals.waiters.until(offered, (WORK,), seconds) or {"jobs": []}
 
 
 @get("/v1/jobs/{job_id:str}")
-async def get_job(request: Request, job_id: str) -> dict[str, Any]:
-    """One job."""
-    jobs = _node(request).jobs
-    return await authorized(request, lambda p: jobs.get(p, job_id))
+async def get_job(request: Request, job_id: str, wait: str | None = None) -> dict[str, Any]:
+    """One job. With `wait=SECONDS` (up to 60) the answer comes as soon as the job ends, or
+    with its current state when the time runs out."""
+    seconds = parse_wait(wait, request)
+    node = _node(request)
+    job = await authorized(request, lambda p: node.jobs.get(p, job_id))
+    if job["status"] in TERMINAL or seconds == 0:
+        return job
+
+    async def ended() -> dict[str, Any] | None:
+        current = await in_thread(node.jobs.peek, job_id)
+        return current if current["status"] in TERMINAL else None
+
+    done = await node.signals.waiters.until(ended, (job_key(job_id),), seconds)
+    return done or await in_thread(node.jobs.peek, job_id)
 
 
 @post("/v1/jobs/{job_id:str}/cancel", status_code=HTTP_200_OK)
@@ -160,7 +216,53 @@ async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
     return await authorized(request, lambda p: jobs.cancel(p, job_id))
 
 
+@get("/v1/jobs/{job_id:str}/stream")
+async def stream_job(request: Request, job_id: str) -> ServerSentEvent:
+    """Server-sent events: `text` events as the miner generates (a late joiner first gets
+    the text so far), then one `job` event with the final job view."""
+    node = _node(request)
+    await authorized(request, lambda p: node.jobs.get(p, job_id))
+    return ServerSentEvent(job_events(node, job_id), headers={"Cache-Control": "no-cache"})
+
+
+async def job_events(node: Node, job_id: str) -> AsyncIterator[ServerSentEventMessage]:
+    signals = node.signals
+    keys_ = (job_key(job_id), progress_key(job_id))
+    streamed: list[str] = []
+    while True:
+        future = signals.waiters.register(*keys_)
+        try:
+            text = signals.text_since(job_id, sum(map(len, streamed)))
+            if text:
+                streamed.append(text)
+                yield ServerSentEventMessage(event="text", data=json.dumps({"text": text}))
+                continue
+            job = await in_thread(node.jobs.peek, job_id)
+            if job["status"] in TERMINAL:
+                sent = "".join(streamed)
+                result = job["result"] or ""
+                if job["status"] == "completed" and result.startswith(sent) and result != sent:
+                    rest = json.dumps({"text": result[len(sent) :]})
+                    yield ServerSentEventMessage(event="text", data=rest)
+                yield ServerSentEventMessage(event="job", data=json.dumps(job))
+                return
+            try:
+                await asyncio.wait_for(future, STREAM_KEEPALIVE_SECONDS)
+            except TimeoutError:
+                yield ServerSentEventMessage(comment="keep-alive")
+        finally:
+            signals.waiters.unregister(future, *keys_)
+
+
 # -- miners ------------------------------------------------------------------------------
+
+
+@post("/v1/jobs/{job_id:str}/progress", status_code=HTTP_200_OK)
+async def job_progress(request: Request, job_id: str) -> dict[str, Any]:
+    """A remote miner's generated text so far: `{miner_id, text}` (the new text only)."""
+    body = await json_object(request)
+    jobs = _node(request).jobs
+    return await authorized(request, lambda p: jobs.progress(p, job_id, body))
 
 
 @post("/v1/miners/register", status_code=HTTP_200_OK)
@@ -202,13 +304,47 @@ async def fail_job(request: Request, job_id: str) -> dict[str, Any]:
     return await authorized(request, lambda p: jobs.fail(p, job_id, body))
 
 
+# -- webhooks ---------------------------------------------------------------------------
+
+
+@post("/v1/webhooks", status_code=HTTP_201_CREATED)
+async def create_webhook(request: Request) -> dict[str, Any]:
+    """Register `{url, events}`; the answer holds the signing secret, shown this once."""
+    body = await json_object(request)
+    webhooks = _node(request).webhooks
+    return await authorized(request, lambda p: webhooks.create(p, body))
+
+
+@get("/v1/webhooks")
+async def list_webhooks(request: Request) -> dict[str, Any]:
+    """Your webhooks (without their secrets)."""
+    webhooks = _node(request).webhooks
+    return await authorized(request, webhooks.list)
+
+
+@delete("/v1/webhooks/{webhook_id:str}", status_code=HTTP_200_OK)
+async def delete_webhook(request: Request, webhook_id: str) -> dict[str, Any]:
+    """Delete a webhook; its undelivered events are dropped."""
+    webhooks = _node(request).webhooks
+    return await authorized(request, lambda p: webhooks.delete(p, webhook_id))
+
+
+@get("/v1/webhooks/{webhook_id:str}/deliveries")
+async def webhook_deliveries(
+    request: Request, webhook_id: str, limit: str | None = None, cursor: str | None = None
+) -> dict[str, Any]:
+    """A webhook's events, newest first, with every delivery attempt."""
+    webhooks = _node(request).webhooks
+    return await authorized(request, lambda p: webhooks.deliveries(p, webhook_id, limit, cursor))
+
+
 # -- receipts and the explorer (public) ----------------------------------------------------
 
 
 @get("/v1/node")
 async def node_info(request: Request) -> dict[str, Any]:
     """The node's public key (pin it to verify receipts), version, chain height, prices."""
-    return await in_thread(_node(request).describe)
+    return await in_thread(public(request).describe)
 
 
 @get("/v1/receipts")
@@ -216,20 +352,20 @@ async def list_receipts(
     request: Request, client: str | None = None, limit: str | None = None, cursor: str | None = None
 ) -> dict[str, Any]:
     """Receipts, newest first; `client=ait1...` narrows them to one client's address."""
-    explorer = _node(request).explorer
+    explorer = public(request).explorer
     return await in_thread(explorer.receipts, limit, cursor, client)
 
 
 @get("/v1/receipts/{receipt_id:str}")
 async def get_receipt(request: Request, receipt_id: str) -> dict[str, Any]:
     """One signed receipt, exactly as the node signed it."""
-    return await in_thread(_node(request).explorer.receipt, receipt_id)
+    return await in_thread(public(request).explorer.receipt, receipt_id)
 
 
 @get("/v1/receipts/{receipt_id:str}/proof")
 async def receipt_proof(request: Request, receipt_id: str) -> dict[str, Any]:
     """The block holding a receipt and the Merkle path from the receipt to the block's root."""
-    return await in_thread(_node(request).explorer.proof, receipt_id)
+    return await in_thread(public(request).explorer.proof, receipt_id)
 
 
 @post("/v1/receipts/verify", status_code=HTTP_200_OK)
@@ -238,6 +374,7 @@ async def verify_receipt_endpoint(request: Request) -> dict[str, Any]:
 
     Without `public_key` the receipt is checked against this node's own key.
     """
+    public(request)
     body = await json_object(request)
     receipt = body.get("receipt")
     if not isinstance(receipt, dict):
@@ -263,13 +400,13 @@ async def explorer_blocks(
     request: Request, limit: str | None = None, cursor: str | None = None
 ) -> dict[str, Any]:
     """Sealed blocks, newest first."""
-    return await in_thread(_node(request).explorer.blocks, limit, cursor)
+    return await in_thread(public(request).explorer.blocks, limit, cursor)
 
 
 @get("/explorer/blocks/{height:int}")
 async def explorer_block(request: Request, height: int) -> dict[str, Any]:
     """One block with its receipt ids and transactions."""
-    return await in_thread(_node(request).explorer.block, height)
+    return await in_thread(public(request).explorer.block, height)
 
 
 @get("/explorer/transactions")
@@ -277,7 +414,7 @@ async def explorer_transactions(
     request: Request, limit: str | None = None, cursor: str | None = None
 ) -> dict[str, Any]:
     """Grants and payments, newest first."""
-    return await in_thread(_node(request).explorer.transactions, limit, cursor)
+    return await in_thread(public(request).explorer.transactions, limit, cursor)
 
 
 @get("/explorer/receipts")
@@ -285,13 +422,13 @@ async def explorer_receipts(
     request: Request, limit: str | None = None, cursor: str | None = None
 ) -> dict[str, Any]:
     """Receipts, newest first, each beside the block that holds it."""
-    return await in_thread(_node(request).explorer.receipts, limit, cursor)
+    return await in_thread(public(request).explorer.receipts, limit, cursor)
 
 
 @get("/explorer/stats")
 async def explorer_stats(request: Request) -> dict[str, Any]:
     """Chain height, receipts, transactions, jobs by status, miners, tokens, value moved."""
-    node = _node(request)
+    node = public(request)
     return await in_thread(lambda: node.explorer.stats(node.jobs.stats()))
 
 
@@ -300,7 +437,7 @@ async def explorer_address(
     request: Request, address: str, limit: str | None = None
 ) -> dict[str, Any]:
     """An address's balance and recent transactions."""
-    return await in_thread(_node(request).explorer.address, address, limit)
+    return await in_thread(public(request).explorer.address, address, limit)
 
 
 # -- the page and the errors ---------------------------------------------------------------
@@ -358,6 +495,12 @@ def create_app(node: Node) -> Litestar:
             claim_job,
             complete_job,
             fail_job,
+            job_progress,
+            stream_job,
+            create_webhook,
+            list_webhooks,
+            delete_webhook,
+            webhook_deliveries,
             node_info,
             list_receipts,
             get_receipt,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from aitbc_node import __version__
 from aitbc_node.config import DEFAULT_HOST, DEFAULT_PORT, JobRules, Limits, default_data_dir
+from aitbc_node.delivery import RetryPolicy
 from aitbc_node.errors import ApiError
 from aitbc_node.ledger import (
     DEFAULT_GRANT,
@@ -24,6 +25,7 @@ from aitbc_node.ledger import (
     parse_ait,
 )
 from aitbc_node.models import ModelError, embedded_model, parse_alias_arg, parse_model_arg
+from aitbc_node.ratelimit import DEFAULT_RATES, Rate
 
 if TYPE_CHECKING:
     from aitbc_node.node import Node
@@ -153,6 +155,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="receipts and transactions per block at most (%(default)s)",
     )
     serve.add_argument(
+        "--rate",
+        action="append",
+        default=[],
+        metavar="ROLE=RATE[/BURST]",
+        help="requests a second (and burst) per API key of ROLE (client, miner, admin), or per "
+        "client address for public reads (public); 0 means no limit; repeatable (defaults: "
+        + ", ".join(f"{r}={v or 0}" for r, v in DEFAULT_RATES.items())
+        + ")",
+    )
+    limits = Limits()
+    serve.add_argument(
+        "--max-pending-per-client",
+        type=int,
+        default=limits.max_pending_per_client,
+        help="pending jobs one client may have queued (%(default)s)",
+    )
+    serve.add_argument(
+        "--max-pending",
+        type=int,
+        default=limits.max_pending,
+        help="pending jobs the node queues in all (%(default)s)",
+    )
+    retry = RetryPolicy()
+    serve.add_argument(
+        "--webhook-retry-base",
+        type=float,
+        default=retry.base_seconds,
+        help="seconds before a failed webhook delivery's first retry; doubles each time "
+        "(%(default)s)",
+    )
+    serve.add_argument(
+        "--webhook-max-attempts",
+        type=int,
+        default=retry.max_attempts,
+        help="delivery attempts before a webhook event is given up (%(default)s)",
+    )
+    serve.add_argument(
+        "--webhook-timeout",
+        type=float,
+        default=retry.timeout_seconds,
+        help="seconds a webhook receiver has to answer (%(default)s)",
+    )
+    serve.add_argument(
         "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
     )
     serve.set_defaults(run=cmd_serve)
@@ -273,6 +318,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except (PriceError, ModelError) as e:
         return fail(f"bad price or credit: {e} (prices are AIT per 1,000 tokens)")
+    rates = dict(DEFAULT_RATES)
+    try:
+        for arg in args.rate:
+            role, rate = parse_alias_arg(arg)
+            if role not in rates:
+                raise ValueError(f"{role!r} is not one of {', '.join(rates)}")
+            rates[role] = Rate.parse(rate)
+    except (ValueError, ModelError) as e:
+        return fail(f"bad --rate: {e} (give ROLE=RATE[/BURST], e.g. client=10/20)")
+    if min(args.max_pending, args.max_pending_per_client, args.webhook_max_attempts) < 1:
+        return fail(
+            "--max-pending, --max-pending-per-client and --webhook-max-attempts must be >= 1"
+        )
     settings = NodeSettings(
         data_dir=(args.data_dir or default_data_dir()).expanduser().resolve(),
         host=args.host,
@@ -290,10 +348,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             require_funds=args.require_funds,
             aliases=aliases,
         ),
-        limits=Limits(max_tokens=args.max_tokens_limit),
+        limits=Limits(
+            max_tokens=args.max_tokens_limit,
+            max_pending_per_client=args.max_pending_per_client,
+            max_pending=args.max_pending,
+        ),
         pricing=pricing,
         block_interval=args.block_interval,
         block_max_items=args.block_max_items,
+        rates=rates,
+        webhook_retry=RetryPolicy(
+            base_seconds=args.webhook_retry_base,
+            max_attempts=args.webhook_max_attempts,
+            timeout_seconds=args.webhook_timeout,
+        ),
     )
     try:
         sock = server.bind(settings.host, settings.port)

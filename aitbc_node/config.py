@@ -29,6 +29,9 @@ class Limits:
     default_max_tokens: int = 256
     max_list_limit: int = 100
     default_list_limit: int = 20
+    max_pending_per_client: int = 1000
+    max_pending: int = 10_000
+    max_wait_seconds: float = 60.0
 
 
 @dataclass

@@ -62,3 +62,8 @@ class Conflict(ApiError):
 class PayloadTooLarge(ApiError):
     status = 413
     error_code = "PAYLOAD_TOO_LARGE"
+
+
+class TooManyRequests(ApiError):
+    status = 429
+    error_code = "RATE_LIMITED"

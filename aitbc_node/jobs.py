@@ -11,18 +11,29 @@ statement changes nothing, `_explain` reads the row to say why, with the right s
 from __future__ import annotations
 
 import json
+import math
 import secrets
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aitbc_node.clock import now_ms, rfc3339
 from aitbc_node.config import JobRules, Limits
-from aitbc_node.errors import BadRequest, Conflict, Forbidden, NotFound, PaymentRequired
+from aitbc_node.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    PaymentRequired,
+    TooManyRequests,
+)
 from aitbc_node.keys import Principal
 from aitbc_node.ledger import Ledger, balance, client_address, format_ait
 from aitbc_node.miners import Miners
 from aitbc_node.paging import decode_cursor, page, parse_limit
 from aitbc_node.signals import Signals
 from aitbc_node.store import Connection, Row, Store
+
+if TYPE_CHECKING:
+    from aitbc_node.webhooks import Webhooks
 
 STATUSES = ("pending", "running", "completed", "failed", "cancelled")
 TERMINAL = ("completed", "failed", "cancelled")
@@ -132,11 +143,13 @@ class Jobs:
         miners: Miners,
         signals: Signals,
         ledger: Ledger,
+        webhooks: Webhooks,
         rules: JobRules,
         limits: Limits,
     ) -> None:
         self.store = store
         self.ledger = ledger
+        self.webhooks = webhooks
         self.miners = miners
         self.signals = signals
         self.rules = rules
@@ -178,6 +191,7 @@ class Jobs:
         params = validate_params(body.get("params"), self.limits)
         served_model = self.resolve_model(model)
         with self.store.write() as db:
+            self._check_queue(db, principal.identity)
             if self.rules.require_funds:
                 self._check_funds(db, principal.identity, served_model, params["max_tokens"])
             row = db.one(
@@ -196,6 +210,36 @@ class Jobs:
         self.signals.work_available()
         assert row is not None
         return job_view(row)
+
+    def _check_queue(self, db: Connection, identity: str) -> None:
+        """429 `QUEUE_FULL` when the client's or the node's pending jobs are at their bound."""
+        mine = db.one(
+            "SELECT count(*) AS n FROM jobs WHERE client = ? AND status = 'pending'", (identity,)
+        )
+        everyone = db.one("SELECT count(*) AS n FROM jobs WHERE status = 'pending'")
+        assert mine is not None and everyone is not None
+        for pending, bound, whose in (
+            (mine["n"], self.limits.max_pending_per_client, "your"),
+            (everyone["n"], self.limits.max_pending, "this node's"),
+        ):
+            if pending >= bound:
+                wait = self._drain_seconds(db, pending - bound + 1)
+                raise TooManyRequests(
+                    f"{whose} queue is full ({pending} pending jobs, the bound is {bound});"
+                    f" retry in about {wait} s",
+                    error_code="QUEUE_FULL",
+                    headers={"Retry-After": str(wait)},
+                )
+
+    def _drain_seconds(self, db: Connection, jobs: int) -> int:
+        """About how long until `jobs` more jobs leave the queue, from recent service times."""
+        recent = db.one(
+            "SELECT avg(completed_ms - started_ms) AS ms FROM (SELECT completed_ms, started_ms"
+            " FROM jobs WHERE status = 'completed' ORDER BY seq DESC LIMIT 50)"
+        )
+        per_job_ms = (recent or {}).get("ms") or 1000
+        miners = max(1, sum(1 for m in self.miners.list() if m["online"]))
+        return max(1, math.ceil(per_job_ms * jobs / miners / 1000))
 
     def _check_funds(self, db: Connection, identity: str, model: str, max_tokens: int) -> None:
         """402 unless the client's balance covers `max_tokens` of `model`."""
@@ -228,6 +272,13 @@ class Jobs:
     def get(self, principal: Principal, job_id: str) -> dict[str, Any]:
         """One job, if `principal` may see it."""
         return job_view(self._visible_row(principal, job_id))
+
+    def peek(self, job_id: str) -> dict[str, Any]:
+        """One job's view, with no access check: for a caller that already made one."""
+        row = self.store.read().one("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
+        if row is None:
+            raise NotFound(f"job {job_id} not found", error_code="JOB_NOT_FOUND")
+        return job_view(row)
 
     def list(
         self,
@@ -281,8 +332,11 @@ class Jobs:
                 " WHERE job_id = ? RETURNING *",
                 (now_ms(), job_id),
             )
+            assert row is not None
+            queued = self.webhooks.enqueue(db, row)
         self.signals.job_cancelled(job_id)
-        assert row is not None
+        if queued:
+            self.webhooks.wake()
         return job_view(row)
 
     # -- miners --------------------------------------------------------------------------
@@ -333,7 +387,23 @@ class Jobs:
                     raise NotFound("no pending job for these models", error_code="NO_JOB")
                 self._explain(db, job_id, miner_id, action="claim")
         assert row is not None
+        self.signals.job_changed(row["job_id"])
         return row
+
+    def progress(self, principal: Principal, job_id: str, body: Any) -> dict[str, Any]:
+        """Text a remote miner has generated so far for a job it holds (for streams)."""
+        miner_id = _miner_id_of(body)
+        _reject_unknown(body, {"miner_id", "text"})
+        text = body.get("text")
+        if not isinstance(text, str) or len(text) > self.limits.max_result_chars:
+            raise BadRequest("text must be a string", error_code="INVALID_TEXT")
+        self.miners.require_registered(principal, miner_id)
+        row = self.store.read().one("SELECT status, miner_id FROM jobs WHERE job_id = ?", (job_id,))
+        if row is None or row["status"] != "running" or row["miner_id"] != miner_id:
+            self._explain(self.store.read(), job_id, miner_id, action="report progress on")
+        if text:
+            self.signals.text_generated(job_id, text)
+        return {"job_id": job_id, "accepted": len(text)}
 
     def heartbeat(self, principal: Principal, miner_id: str) -> dict[str, Any]:
         """Renew the leases of every job `miner_id` is running."""
@@ -445,6 +515,10 @@ class Jobs:
             if status == "completed":
                 receipt = self.ledger.issue_receipt(db, row, model_sha256=model_sha256)
                 row["receipt_id"] = receipt["receipt_id"]
+            queued = self.webhooks.enqueue(db, row)
+        self.signals.job_changed(job_id, finished=True)
+        if queued:
+            self.webhooks.wake()
         return row
 
     def release(self, job_id: str, miner_id: str) -> bool:
@@ -458,6 +532,8 @@ class Jobs:
             )
             released = db.changes() > 0
         if released:
+            self.signals.forget_text(job_id)
+            self.signals.job_changed(job_id)
             self.signals.work_available()
         return released
 
@@ -471,17 +547,25 @@ class Jobs:
                 " ' time(s); giving up after ' || :max || ' attempts',"
                 " completed_ms = :now, lease_expires_ms = NULL"
                 " WHERE status = 'running' AND lease_expires_ms < :now AND attempts >= :max"
-                " RETURNING job_id",
+                " RETURNING *",
                 {"now": now, "max": self.rules.max_attempts},
             )
+            queued = sum(self.webhooks.enqueue(db, row) for row in failed)
             requeued = db.execute(
                 "UPDATE jobs SET status = 'pending', miner_id = NULL, started_ms = NULL,"
                 " lease_expires_ms = NULL"
                 " WHERE status = 'running' AND lease_expires_ms < :now RETURNING job_id",
                 {"now": now},
             )
+        for row in failed:
+            self.signals.job_changed(row["job_id"], finished=True)
+        for row in requeued:
+            self.signals.forget_text(row["job_id"])
+            self.signals.job_changed(row["job_id"])
         if requeued:
             self.signals.work_available()
+        if queued:
+            self.webhooks.wake()
         return {
             "failed": [r["job_id"] for r in failed],
             "requeued": [r["job_id"] for r in requeued],

@@ -143,6 +143,58 @@ def m002_ledger(db: sqlite_utils.Database) -> None:
     )
 
 
+@migration
+def m003_webhooks_and_queue_bounds(db: sqlite_utils.Database) -> None:
+    db["jobs"].create_index(["client", "status"])
+    db.execute(
+        """
+        CREATE TABLE webhooks (
+            webhook_id TEXT PRIMARY KEY,
+            client TEXT NOT NULL,
+            url TEXT NOT NULL,
+            events TEXT NOT NULL,
+            secret TEXT NOT NULL,
+            created_ms INTEGER NOT NULL,
+            deleted_ms INTEGER
+        )
+        """
+    )
+    db.execute("CREATE INDEX webhooks_by_client ON webhooks (client, deleted_ms)")
+    # The outbox: one row per event to deliver, written in the job change's own transaction.
+    db.execute(
+        """
+        CREATE TABLE deliveries (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            event_id TEXT NOT NULL UNIQUE,
+            webhook_id TEXT NOT NULL REFERENCES webhooks (webhook_id),
+            event TEXT NOT NULL,
+            job_id TEXT NOT NULL,
+            body TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'failed')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_ms INTEGER NOT NULL,
+            created_ms INTEGER NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX deliveries_due ON deliveries (state, next_attempt_ms)")
+    db.execute("CREATE INDEX deliveries_by_webhook ON deliveries (webhook_id, seq)")
+    db.execute(
+        """
+        CREATE TABLE delivery_attempts (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            event_id TEXT NOT NULL REFERENCES deliveries (event_id),
+            attempt INTEGER NOT NULL,
+            started_ms INTEGER NOT NULL,
+            duration_ms INTEGER NOT NULL,
+            status_code INTEGER,
+            error TEXT
+        )
+        """
+    )
+    db.execute("CREATE INDEX delivery_attempts_by_event ON delivery_attempts (event_id, seq)")
+
+
 def apply(path: Path) -> list[str]:
     """Bring the database at `path` up to the newest schema; return the migrations that ran."""
     db = sqlite_utils.Database(path)

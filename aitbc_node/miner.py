@@ -107,6 +107,7 @@ class BuiltinMiner:
                 row["prompt"],
                 json.loads(row["params"]),
                 should_stop=lambda: cancelled.is_set() or self._stop.is_set(),
+                on_text=lambda text: self.signals.text_generated(job_id, text),
             )
         except Exception as e:
             log.warning("job %s failed in the engine: %s", job_id, e)

@@ -15,15 +15,18 @@ from typing import Any
 
 from aitbc_node import __version__, keys
 from aitbc_node.config import DEFAULT_HOST, DEFAULT_PORT, JobRules, Limits
+from aitbc_node.delivery import Dispatcher, RetryPolicy
 from aitbc_node.explorer import Explorer
 from aitbc_node.jobs import Jobs
 from aitbc_node.leases import LeaseReaper
 from aitbc_node.ledger import BlockSealer, Ledger, Pricing
 from aitbc_node.miners import Miners
 from aitbc_node.models import ModelFile
+from aitbc_node.ratelimit import DEFAULT_RATES, Rate, RateLimiter
 from aitbc_node.signals import Signals
 from aitbc_node.signing import NodeKey
 from aitbc_node.store import Store
+from aitbc_node.webhooks import Webhooks
 
 log = logging.getLogger("aitbc_node.node")
 
@@ -48,6 +51,8 @@ class NodeSettings:
     pricing: Pricing = field(default_factory=Pricing)
     block_interval: float = 2.0
     block_max_items: int = 500
+    rates: dict[str, Rate | None] = field(default_factory=lambda: dict(DEFAULT_RATES))
+    webhook_retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
 class Node:
@@ -65,15 +70,24 @@ class Node:
         self.miners = Miners(self.store, settings.rules)
         self.ledger = Ledger(self.store, self.key, settings.pricing)
         self.ledger.ensure_genesis()
+        self.webhooks = Webhooks(self.store, settings.limits)
         self.jobs = Jobs(
-            self.store, self.miners, self.signals, self.ledger, settings.rules, settings.limits
+            self.store,
+            self.miners,
+            self.signals,
+            self.ledger,
+            self.webhooks,
+            settings.rules,
+            settings.limits,
         )
+        self.rate_limiter = RateLimiter(settings.rates)
         self.explorer = Explorer(self.store, settings.limits, settings.block_interval)
         self.credentials = keys.ensure_initial_keys(
             self.store, self.data_dir, credit=settings.pricing.grant
         )
         self.reaper = LeaseReaper(self.jobs)
         self.sealer = BlockSealer(self.ledger, settings.block_interval, settings.block_max_items)
+        self.dispatcher = Dispatcher(self.store, self.webhooks, settings.webhook_retry)
         self.miner: Any = None  # a BuiltinMiner once started with models
 
     def start(self) -> None:
@@ -89,6 +103,7 @@ class Node:
             self.miner = self._start_miner()
         self.reaper.start()
         self.sealer.start()
+        self.dispatcher.start()
 
     def _start_miner(self) -> Any:
         # The engine (llama.cpp) is imported only when a miner runs, so `--no-miner`
@@ -126,6 +141,7 @@ class Node:
             self.miner.stop()
         self.reaper.stop()
         self.sealer.stop()
+        self.dispatcher.stop()
         self.store.close()
 
     def health(self) -> dict[str, Any]:

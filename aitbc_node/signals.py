@@ -1,22 +1,109 @@
-"""In-process signals between the API, the store's callers and the built-in miner.
+"""In-process signals: how one part of the node wakes another without polling.
 
-The miner waits on a condition for new work instead of polling on a timer, and a cancel reaches
-a running generation through an event the miner watches.
+- The built-in miner (a thread) waits on a condition for new work.
+- A running generation watches an event that a cancel sets.
+- Long-polling requests and event streams (asyncio tasks) wait on futures that any thread can
+  resolve by key: `job:<id>` when a job changes state, `progress:<id>` when it has new text,
+  `work` when a job becomes pending.
+- The text a job has generated so far is kept here, in memory, while the job runs, so a
+  stream that joins late first gets everything produced before it came.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+WORK = "work"
+
+
+def job_key(job_id: str) -> str:
+    return f"job:{job_id}"
+
+
+def progress_key(job_id: str) -> str:
+    return f"progress:{job_id}"
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Waiters:
+    """asyncio futures, grouped by key, that any thread can resolve."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: dict[str, set[asyncio.Future[None]]] = {}
+
+    def register(self, *keys: str) -> asyncio.Future[None]:
+        """A future resolved by the next `notify` of any of `keys` (call in the event loop)."""
+        future = asyncio.get_running_loop().create_future()
+        with self._lock:
+            for key in keys:
+                self._waiting.setdefault(key, set()).add(future)
+        return future
+
+    def unregister(self, future: asyncio.Future[None], *keys: str) -> None:
+        with self._lock:
+            for key in keys:
+                waiting = self._waiting.get(key)
+                if waiting is not None:
+                    waiting.discard(future)
+                    if not waiting:
+                        del self._waiting[key]
+
+    def notify(self, key: str) -> None:
+        """Wake everything waiting on `key` (from any thread)."""
+        with self._lock:
+            futures = self._waiting.pop(key, ())
+        for future in futures:
+            future.get_loop().call_soon_threadsafe(_resolve, future)
+
+    async def until(
+        self,
+        check: Callable[[], Awaitable[T | None]],
+        keys: tuple[str, ...],
+        timeout: float,
+    ) -> T | None:
+        """Await `check()` until it returns something, waking only when `keys` are notified;
+        None once `timeout` seconds pass. Registering before each check means no wake-up is
+        lost between a check and the wait."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            future = self.register(*keys)
+            try:
+                result = await check()
+                if result is not None:
+                    return result
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return None
+                try:
+                    await asyncio.wait_for(future, remaining)
+                except TimeoutError:
+                    return None
+            finally:
+                self.unregister(future, *keys)
 
 
 class Signals:
-    """Wake-ups for work that appeared and for jobs that were cancelled."""
+    """Wake-ups for new work, cancels, job changes and generated text."""
 
     def __init__(self) -> None:
+        self.waiters = Waiters()
         self._work = threading.Condition()
         self._work_generation = 0
         self._cancel_lock = threading.Lock()
         self._cancel_events: dict[str, threading.Event] = {}
+        self._text_lock = threading.Lock()
+        self._text: dict[str, list[str]] = {}
 
     @property
     def work_generation(self) -> int:
@@ -28,6 +115,7 @@ class Signals:
         with self._work:
             self._work_generation += 1
             self._work.notify_all()
+        self.waiters.notify(WORK)
 
     def wait_for_work(self, seen_generation: int, timeout: float) -> bool:
         """Wait until work appears after `seen_generation`; False when `timeout` passes first."""
@@ -35,6 +123,13 @@ class Signals:
             return self._work.wait_for(
                 lambda: self._work_generation != seen_generation, timeout=timeout
             )
+
+    def job_changed(self, job_id: str, *, finished: bool = False) -> None:
+        """Say that a job changed state; a finished job's kept text is let go."""
+        if finished:
+            with self._text_lock:
+                self._text.pop(job_id, None)
+        self.waiters.notify(job_key(job_id))
 
     def watch_cancel(self, job_id: str) -> threading.Event:
         """An event that is set when `job_id` is cancelled; call `unwatch_cancel` when done."""
@@ -54,3 +149,24 @@ class Signals:
             event = self._cancel_events.get(job_id)
         if event is not None:
             event.set()
+        self.job_changed(job_id, finished=True)
+
+    def text_generated(self, job_id: str, text: str) -> None:
+        """Add text a running job produced (from the built-in miner or a remote one)."""
+        with self._text_lock:
+            self._text.setdefault(job_id, []).append(text)
+        self.waiters.notify(progress_key(job_id))
+
+    def text_since(self, job_id: str, offset: int) -> str:
+        """The text job `job_id` produced after its first `offset` characters."""
+        with self._text_lock:
+            pieces = self._text.get(job_id)
+            text = "".join(pieces) if pieces else ""
+            if pieces and len(pieces) > 1:
+                self._text[job_id] = [text]  # join once, not on every read
+        return text[offset:]
+
+    def forget_text(self, job_id: str) -> None:
+        """Drop the kept text of a job that went back to the queue."""
+        with self._text_lock:
+            self._text.pop(job_id, None)

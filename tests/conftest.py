@@ -151,17 +151,26 @@ class NodeProcess:
         statuses: tuple[str, ...],
         timeout: float = 60,
         key: str | None = None,
-        poll: float = 0.01,
+        poll: float = 0.05,
     ) -> dict:
-        """Poll every `poll` seconds until the job is in one of `statuses`."""
+        """Wait until the job is in one of `statuses`: by long-polling (`?wait=`) when they
+        are all terminal, else by polling every `poll` seconds."""
+        terminal = {"completed", "failed", "cancelled"}
         deadline = time.monotonic() + timeout
         while True:
-            job = self.job(job_id, key)
+            remaining = deadline - time.monotonic()
+            params = (
+                {"wait": f"{min(max(remaining, 0), 30):.2f}"} if terminal >= set(statuses) else {}
+            )
+            r = self.request("GET", f"/v1/jobs/{job_id}", key or self.client_key, params=params)
+            assert r.status_code == 200, r.text
+            job = r.json()
             if job["status"] in statuses:
                 return job
-            if time.monotonic() > deadline:
-                raise AssertionError(f"job stayed {job['status']}, wanted {statuses}: {job}")
-            time.sleep(poll)
+            if job["status"] in terminal or time.monotonic() > deadline:
+                raise AssertionError(f"job is {job['status']}, wanted {statuses}: {job}")
+            if not params:
+                time.sleep(poll)
 
     def new_key(self, role: str, name: str) -> str:
         return run_cli(

@@ -66,9 +66,9 @@ def pickup_latency(node: NodeProcess, jobs: int) -> tuple[list[float], list[floa
 
 def node_speed(node: NodeProcess) -> tuple[float, int]:
     job = node.submit(PROMPT, params=PARAMS)
-    # A slow poll: the node's own timestamps time the job, and a busy poll would take CPU
+    # Long-polled: the node's own timestamps time the job, and a busy poll would take CPU
     # from the generation it measures.
-    job = node.wait_for(job["job_id"], ("completed",), timeout=120, poll=0.25)
+    job = node.wait_for(job["job_id"], ("completed",), timeout=120)
     seconds = ts(job["completed_at"]) - ts(job["started_at"])
     tokens = job["usage"]["completion_tokens"]
     return tokens / seconds, tokens
@@ -99,7 +99,8 @@ def main() -> None:
     from aitbc_node.models import embedded_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        node = NodeProcess(Path(tmp) / "data").start()
+        # No rate limit: the pickup measurement polls as fast as it can.
+        node = NodeProcess(Path(tmp) / "data", "--rate", "client=0").start()
         try:
             node.wait_for(
                 node.submit("warm up", params={"max_tokens": 4})["job_id"], ("completed",)
