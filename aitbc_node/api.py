@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from litestar import Litestar, MediaType, Request, Response, Router, delete, get, post
+from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.response import ServerSentEvent
@@ -160,6 +161,15 @@ async def submit_job(request: Request) -> dict[str, Any]:
     body = await json_body(request)
     jobs = _node(request).jobs
     return await authorized(request, lambda p: jobs.submit(p, body))
+
+
+@get("/v1/whoami")
+async def whoami(request: Request) -> dict[str, Any]:
+    """The identity and role this API key acts as."""
+    return await authorized(
+        request,
+        lambda p: {"key_id": p.key_id, "name": p.name, "role": p.role, "identity": p.identity},
+    )
 
 
 @get("/v1/jobs")
@@ -485,6 +495,7 @@ def create_app(node: Node) -> Litestar:
             health,
             stats,
             list_miners,
+            whoami,
             submit_job,
             list_jobs,
             available_jobs,
@@ -514,8 +525,18 @@ def create_app(node: Node) -> Litestar:
             explorer_address,
         ],
     )
+    cors = None
+    if node.settings.cors_origins:
+        # Browser pages on these origins may call the API (with X-Api-Key); others may not.
+        cors = CORSConfig(
+            allow_origins=list(node.settings.cors_origins),
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["X-Api-Key", "Content-Type"],
+            expose_headers=["Retry-After"],
+        )
     app = Litestar(
         route_handlers=[api, explorer_page],
+        cors_config=cors,
         exception_handlers={
             ApiError: handle_api_error,
             HTTPException: handle_http_exception,

@@ -15,7 +15,7 @@ from typing import Any
 
 from aitbc_node.canonical import CanonicalError, canonical_bytes, sha256_hex
 from aitbc_node.chain import GENESIS_PREV_HASH, block_problems
-from aitbc_node.ledger import miner_address
+from aitbc_node.ledger import payee_address
 from aitbc_node.merkle import merkle_root
 from aitbc_node.receipts import verify_receipt
 from aitbc_node.store import Connection
@@ -111,7 +111,7 @@ def audit(db: Connection, trusted_public_key_hex: str) -> AuditReport:
             elif (
                 document.get("amount") != receipt["amount"]
                 or document.get("from") != receipt["client_address"]
-                or document.get("to") != miner_address(receipt["miner_id"])
+                or document.get("to") != payee_address(receipt)
                 or document.get("job_id") != receipt["job_id"]
             ):
                 problems.append(f"{name}: does not match receipt {receipt['receipt_id']}")

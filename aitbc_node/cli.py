@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -198,9 +199,61 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a webhook receiver has to answer (%(default)s)",
     )
     serve.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let browser pages on ORIGIN (e.g. http://localhost:3000) call the API; "
+        "repeatable; '*' allows any",
+    )
+    serve.add_argument(
         "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
     )
     serve.set_defaults(run=cmd_serve)
+
+    miner = commands.add_parser(
+        "miner",
+        help="serve another node's jobs from this box (a remote miner)",
+        description="Join a coordinator as a miner: register this box's models and device, "
+        "wait for jobs by long-polling, run them with llama.cpp and report the results, "
+        "co-signed with this miner's own key. Ctrl-C once finishes the job in hand and "
+        "exits; twice fails it and exits.",
+    )
+    miner.add_argument(
+        "--coordinator",
+        default=os.environ.get("AITBC_URL"),
+        metavar="URL",
+        help="the coordinator's API base URL, e.g. http://10.0.0.5:8080/api ($AITBC_URL)",
+    )
+    miner.add_argument(
+        "--api-key",
+        default=os.environ.get("AITBC_API_KEY"),
+        help="a miner key from the coordinator's `aitbc-node keys create --role miner` "
+        "($AITBC_API_KEY)",
+    )
+    miner.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="[NAME=]PATH",
+        help="a GGUF model to serve (repeatable); default the embedded smollm2-135m-instruct",
+    )
+    miner.add_argument(
+        "--miner-id", help="the miner id (default: the identity the API key acts as)"
+    )
+    miner.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help=f"where this miner keeps its key (default {default_data_dir() / 'miner'})",
+    )
+    miner.add_argument("--gpu-layers", type=int, default=None, help="as for serve")
+    miner.add_argument("--ctx-size", type=int, default=4096, help="as for serve (%(default)s)")
+    miner.add_argument("--threads", type=int, default=None, help="as for serve")
+    miner.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
+    )
+    miner.set_defaults(run=cmd_miner)
 
     keys = commands.add_parser(
         "keys",
@@ -356,6 +409,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pricing=pricing,
         block_interval=args.block_interval,
         block_max_items=args.block_max_items,
+        cors_origins=args.cors_origin,
         rates=rates,
         webhook_retry=RetryPolicy(
             base_seconds=args.webhook_retry_base,
@@ -482,6 +536,59 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(f"revoked {row['key_id']} ({row['role']} {row['name']})")
+    return 0
+
+
+def cmd_miner(args: argparse.Namespace) -> int:
+    import signal
+
+    from aitbc_node.client import CoordinatorClient, CoordinatorError
+    from aitbc_node.engine import Engine, EngineError, default_gpu_layers, device_info
+    from aitbc_node.remote_miner import RemoteMiner
+    from aitbc_node.signing import KeyFileError, NodeKey
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not args.coordinator or not args.api_key:
+        return fail(
+            "--coordinator URL and --api-key KEY are required (or AITBC_URL and AITBC_API_KEY)"
+        )
+    try:
+        models = [parse_model_arg(m) for m in args.model] or [embedded_model()]
+    except ModelError as e:
+        return fail(str(e))
+    data_dir = (args.data_dir or default_data_dir() / "miner").expanduser()
+    try:
+        key = NodeKey.load_or_create(data_dir / "miner.key")
+    except KeyFileError as e:
+        return fail(str(e))
+    client = CoordinatorClient(args.coordinator, args.api_key)
+    try:
+        miner_id = args.miner_id or client.whoami()["identity"]
+    except CoordinatorError as e:
+        return fail(f"cannot reach the coordinator at {args.coordinator}: {e.detail}")
+    gpu_layers = args.gpu_layers if args.gpu_layers is not None else default_gpu_layers()
+    try:
+        engines = {
+            m.name: Engine(m, gpu_layers=gpu_layers, context=args.ctx_size, threads=args.threads)
+            for m in models
+        }
+    except EngineError as e:
+        return fail(str(e))
+    miner = RemoteMiner(client, miner_id, engines, key, device_info(gpu_layers))
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: miner.request_stop())
+    print(
+        f"aitbc-node miner {miner_id}: serving {', '.join(engines)} for {args.coordinator}\n"
+        f"  miner key   {key.public_key_hex} ({key.key_id})",
+        flush=True,
+    )
+    try:
+        miner.run()
+    except CoordinatorError as e:
+        return fail(f"the coordinator refused this miner: {e.detail}")
+    print(f"aitbc-node miner: stopped after {miner.jobs_done} jobs", flush=True)
     return 0
 
 

@@ -190,5 +190,3 @@ class Dispatcher:
             log.info(
                 "webhook %s attempt %d: %s", row["event_id"], attempt, error or f"HTTP {status}"
             )
-
-

@@ -204,7 +204,7 @@ class Engine:
             if should_stop():
                 finish_reason = "aborted"
                 break
-        text += decoder.decode(b"", final=True)
+        # An incomplete UTF-8 sequence left at a length cut is dropped, not shown as U+FFFD.
         if on_text is not None and len(text) > emitted:
             on_text(text[emitted:])
         return Generation(text, len(tokens), completion, finish_reason)

@@ -29,7 +29,9 @@ from aitbc_node.keys import Principal
 from aitbc_node.ledger import Ledger, balance, client_address, format_ait
 from aitbc_node.miners import Miners
 from aitbc_node.paging import decode_cursor, page, parse_limit
+from aitbc_node.receipts import hash_result
 from aitbc_node.signals import Signals
+from aitbc_node.signing import verify_signature
 from aitbc_node.store import Connection, Row, Store
 
 if TYPE_CHECKING:
@@ -424,7 +426,9 @@ class Jobs:
     def complete(self, principal: Principal, job_id: str, body: Any) -> dict[str, Any]:
         """Record a remote miner's result."""
         miner_id = _miner_id_of(body)
-        _reject_unknown(body, {"miner_id", "result", "completed_at", "usage", "model_sha256"})
+        _reject_unknown(
+            body, {"miner_id", "result", "completed_at", "usage", "model_sha256", "miner_signature"}
+        )
         model_sha256 = body.get("model_sha256", "unreported")
         if not isinstance(model_sha256, str) or not 0 < len(model_sha256) <= 128:
             raise BadRequest(
@@ -449,8 +453,14 @@ class Jobs:
                 " completion_tokens",
                 error_code="INVALID_USAGE",
             )
+        miner_signature = body.get("miner_signature")
         # Validate everything before the first write (the miner's last_seen), so a bad
         # request leaves the store exactly as it was.
+        registered = self.store.read().one(
+            "SELECT public_key FROM miners WHERE miner_id = ?", (miner_id,)
+        )
+        if registered is not None:
+            check_miner_signature(registered["public_key"], miner_signature, result)
         self.miners.require_registered(principal, miner_id)
         row = self.finish(
             job_id,
@@ -459,6 +469,7 @@ class Jobs:
             prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens"),
             model_sha256=model_sha256,
+            miner_signature=miner_signature,
         )
         return job_view(row)
 
@@ -484,6 +495,7 @@ class Jobs:
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
         model_sha256: str = "unreported",
+        miner_signature: dict[str, str] | None = None,
     ) -> Row:
         """Move a job this miner holds to completed (a result) or failed (an error).
 
@@ -513,7 +525,9 @@ class Jobs:
                 self._explain(db, job_id, miner_id, action=action)
             assert row is not None
             if status == "completed":
-                receipt = self.ledger.issue_receipt(db, row, model_sha256=model_sha256)
+                receipt = self.ledger.issue_receipt(
+                    db, row, model_sha256=model_sha256, miner_signature=miner_signature
+                )
                 row["receipt_id"] = receipt["receipt_id"]
             queued = self.webhooks.enqueue(db, row)
         self.signals.job_changed(job_id, finished=True)
@@ -660,3 +674,32 @@ def _reject_unknown(body: dict[str, Any], known: set[str]) -> None:
     unknown = sorted(set(body) - known)
     if unknown:
         raise BadRequest(f"unknown fields: {', '.join(unknown)}", error_code="UNKNOWN_FIELDS")
+
+
+def check_miner_signature(registered_key: str | None, signature: Any, result: str) -> None:
+    """A miner that registered a key must co-sign its result: `{alg, public_key, value}` over
+    the result's SHA-256 (hex, ASCII), with exactly the registered key."""
+    if registered_key is None:
+        if signature is not None:
+            raise BadRequest(
+                "this miner registered no public key, so it cannot co-sign; register one",
+                error_code="INVALID_MINER_SIGNATURE",
+            )
+        return
+    if not isinstance(signature, dict) or set(signature) != {"alg", "public_key", "value"}:
+        raise BadRequest(
+            "this miner registered a public key: miner_signature"
+            ' {"alg": "ed25519", "public_key", "value"} is required',
+            error_code="MINER_SIGNATURE_REQUIRED",
+        )
+    if signature["public_key"] != registered_key or signature["alg"] != "ed25519":
+        raise BadRequest(
+            "miner_signature names a key other than the one this miner registered",
+            error_code="INVALID_MINER_SIGNATURE",
+        )
+    message = hash_result(result).encode("ascii")
+    if not verify_signature(registered_key, message, str(signature["value"])):
+        raise BadRequest(
+            "miner_signature does not verify over the result's SHA-256",
+            error_code="INVALID_MINER_SIGNATURE",
+        )

@@ -26,7 +26,7 @@ from aitbc_node.chain import GENESIS_PREV_HASH, sign_block
 from aitbc_node.clock import now_ms, rfc3339
 from aitbc_node.merkle import merkle_root
 from aitbc_node.receipts import hash_request, hash_result, sign_receipt
-from aitbc_node.signing import NodeKey, address_for_identity
+from aitbc_node.signing import NodeKey, address_for, address_for_identity
 from aitbc_node.store import Connection, Row, Store
 
 log = logging.getLogger("aitbc_node.ledger")
@@ -65,8 +65,15 @@ def client_address(identity: str) -> str:
 
 
 def miner_address(miner_id: str) -> str:
-    """The account of a miner."""
+    """The account of a miner with no key of its own (the built-in one)."""
     return address_for_identity("miner", miner_id)
+
+
+def payee_address(receipt: dict[str, Any]) -> str:
+    """Who a receipt pays: a co-signing miner's key address, else its identity's address."""
+    if "miner_signature" in receipt:
+        return address_for(receipt["miner_signature"]["public_key"])
+    return miner_address(receipt["miner_id"])
 
 
 @dataclass
@@ -192,7 +199,7 @@ class Ledger:
             "UPDATE jobs SET receipt_id = ? WHERE job_id = ?",
             (receipt["receipt_id"], job["job_id"]),
         )
-        payer, payee = receipt["client_address"], miner_address(job["miner_id"])
+        payer, payee = receipt["client_address"], payee_address(receipt)
         _record_transaction(
             db,
             {

@@ -195,6 +195,12 @@ def m003_webhooks_and_queue_bounds(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX delivery_attempts_by_event ON delivery_attempts (event_id, seq)")
 
 
+@migration
+def m004_miner_keys(db: sqlite_utils.Database) -> None:
+    # A remote miner's own Ed25519 public key: it co-signs the results it returns.
+    db.execute("ALTER TABLE miners ADD COLUMN public_key TEXT")
+
+
 def apply(path: Path) -> list[str]:
     """Bring the database at `path` up to the newest schema; return the migrations that ran."""
     db = sqlite_utils.Database(path)

@@ -51,27 +51,54 @@ class Miners:
         gpu_info = body.get("gpu_info", {})
         if not isinstance(gpu_info, dict):
             raise BadRequest("gpu_info must be an object", error_code="INVALID_GPU_INFO")
-        unknown = sorted(set(body) - {"miner_id", "capabilities", "gpu_info"})
+        public_key = body.get("public_key")
+        if public_key is not None and not (
+            isinstance(public_key, str) and len(public_key) == 64 and _is_hex(public_key)
+        ):
+            raise BadRequest(
+                "public_key must be the miner's Ed25519 public key, 64 hex characters",
+                error_code="INVALID_PUBLIC_KEY",
+            )
+        unknown = sorted(set(body) - {"miner_id", "capabilities", "gpu_info", "public_key"})
         if unknown:
             raise BadRequest(f"unknown fields: {', '.join(unknown)}", error_code="UNKNOWN_FIELDS")
-        row = self.upsert(miner_id, list(dict.fromkeys(capabilities)), gpu_info, builtin=False)
+        row = self.upsert(
+            miner_id,
+            list(dict.fromkeys(capabilities)),
+            gpu_info,
+            builtin=False,
+            public_key=public_key.lower() if public_key else None,
+        )
         return self.view(row)
 
     def upsert(
-        self, miner_id: str, capabilities: list[str], gpu_info: dict[str, Any], *, builtin: bool
+        self,
+        miner_id: str,
+        capabilities: list[str],
+        gpu_info: dict[str, Any],
+        *,
+        builtin: bool,
+        public_key: str | None = None,
     ) -> Row:
         """Write a miner's registration and mark it seen now."""
         now = now_ms()
         with self.store.write() as db:
             row = db.one(
-                "INSERT INTO miners"
-                " (miner_id, capabilities, gpu_info, builtin, registered_ms, last_seen_ms)"
-                " VALUES (?, ?, ?, ?, ?, ?)"
+                "INSERT INTO miners (miner_id, capabilities, gpu_info, builtin, registered_ms,"
+                " last_seen_ms, public_key) VALUES (?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (miner_id) DO UPDATE SET capabilities = excluded.capabilities,"
                 " gpu_info = excluded.gpu_info, builtin = excluded.builtin,"
-                " last_seen_ms = excluded.last_seen_ms"
+                " last_seen_ms = excluded.last_seen_ms, public_key = excluded.public_key"
                 " RETURNING *",
-                (miner_id, json.dumps(capabilities), json.dumps(gpu_info), int(builtin), now, now),
+                (
+                    miner_id,
+                    json.dumps(capabilities),
+                    json.dumps(gpu_info),
+                    int(builtin),
+                    now,
+                    now,
+                    public_key,
+                ),
             )
         assert row is not None
         return row
@@ -142,6 +169,15 @@ class Miners:
             "builtin": bool(row["builtin"]),
             "online": online,
             "state": ("busy" if running else "idle") if online else "offline",
+            "public_key": row["public_key"],
             "registered_at": rfc3339(row["registered_ms"]),
             "last_seen_at": rfc3339(row["last_seen_ms"]),
         }
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True

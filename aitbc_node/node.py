@@ -53,6 +53,7 @@ class NodeSettings:
     block_max_items: int = 500
     rates: dict[str, Rate | None] = field(default_factory=lambda: dict(DEFAULT_RATES))
     webhook_retry: RetryPolicy = field(default_factory=RetryPolicy)
+    cors_origins: list[str] = field(default_factory=list)
 
 
 class Node:

@@ -1,0 +1,414 @@
+"""A Python client for the Coordinator API (httpx): sync `CoordinatorClient` and async
+`AsyncCoordinatorClient`, with the tutorial's method names and more.
+
+    from aitbc_node.client import CoordinatorClient
+    client = CoordinatorClient("http://127.0.0.1:8080/api", api_key)
+    job = client.submit_job("Hello, world!", max_tokens=64)
+    done = client.wait_for_job(job["job_id"])      # server long-polling: no 2-second naps
+    print(done["result"])
+
+Retries: a 429 waits what `Retry-After` says; a 5xx, or a connection that could not be made,
+backs off (0.5 s, 1 s, 2 s... up to 10 s); at most `retries` times. A request that may have
+reached the server is not re-sent unless it is safe to repeat (a GET, or a 429/503 answer,
+which the node gives before doing anything). Other errors raise `CoordinatorError`, which
+carries `status`, `detail` and `error_code`.
+
+This is the only module of the package that imports httpx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from aitbc_node.receipts import Verdict, verify_receipt
+
+TERMINAL = ("completed", "failed", "cancelled")
+MAX_SERVER_WAIT = 60.0
+
+
+class CoordinatorError(Exception):
+    """An error answer from the node: HTTP `status`, `detail` and `error_code`."""
+
+    def __init__(self, status: int, detail: str, error_code: str, retry_after: float | None = None):
+        super().__init__(f"{status} {error_code}: {detail}")
+        self.status = status
+        self.detail = detail
+        self.error_code = error_code
+        self.retry_after = retry_after
+
+
+class CoordinatorUnavailable(CoordinatorError):
+    """The node could not be reached (after the retries)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(0, detail, "UNREACHABLE")
+
+
+def _error(response: httpx.Response) -> CoordinatorError:
+    try:
+        body = response.json()
+        detail, code = body["detail"], body["error_code"]
+    except (ValueError, KeyError, TypeError):
+        detail, code = response.text[:500] or response.reason_phrase, f"HTTP_{response.status_code}"
+    return CoordinatorError(response.status_code, detail, code, _retry_after(response))
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        return max(0.0, float(response.headers["retry-after"]))
+    except (KeyError, ValueError):
+        return None
+
+
+class _Policy:
+    """Which failures to retry, and how long to wait first."""
+
+    def __init__(self, retries: int, backoff: float, max_backoff: float = 10.0) -> None:
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+
+    def _backoff(self, attempt: int) -> float:
+        return min(self.backoff * 2**attempt, self.max_backoff)
+
+    def delay_after_response(self, method: str, response: httpx.Response, attempt: int):
+        """Seconds to wait before retrying this answer, or None to give up on it."""
+        if attempt >= self.retries:
+            return None
+        if response.status_code == 429:
+            retry_after = _retry_after(response)
+            return retry_after if retry_after is not None else self._backoff(attempt)
+        if response.status_code == 503 or (response.status_code >= 500 and method == "GET"):
+            return self._backoff(attempt)
+        return None
+
+    def delay_after_error(self, method: str, error: httpx.TransportError, attempt: int):
+        """Seconds to wait before retrying after a transport error, or None."""
+        if attempt >= self.retries:
+            return None
+        if method == "GET" or isinstance(error, httpx.ConnectError):
+            return self._backoff(attempt)
+        return None
+
+
+def _clean(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if v is not None}
+
+
+class CoordinatorClient:
+    """A synchronous client for one node."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        retries: int = 5,
+        backoff: float = 0.5,
+        node_public_key: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.headers = {"X-Api-Key": api_key} if api_key else {}
+        self.node_public_key = node_public_key
+        self.policy = _Policy(retries, backoff)
+        self.client = httpx.Client(headers=self.headers, timeout=timeout, transport=transport)
+        self._default_model: str | None = None
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> CoordinatorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        params: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """One API call with the retry policy; the decoded JSON answer."""
+        attempt = 0
+        extra = {"timeout": timeout} if timeout is not None else {}
+        while True:
+            try:
+                response = self.client.request(
+                    method, self.base_url + path, json=json, params=_clean(params or {}), **extra
+                )
+            except httpx.TransportError as e:
+                delay = self.policy.delay_after_error(method, e, attempt)
+                if delay is None:
+                    raise CoordinatorUnavailable(f"{method} {path}: {e}") from e
+            else:
+                if response.is_success:
+                    return response.json()
+                delay = self.policy.delay_after_response(method, response, attempt)
+                if delay is None:
+                    raise _error(response)
+            time.sleep(delay)
+            attempt += 1
+
+    # -- clients ----------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        return self.request("GET", "/health")
+
+    def stats(self) -> dict[str, Any]:
+        return self.request("GET", "/v1/stats")
+
+    def default_model(self) -> str:
+        """The node's first served model (asked once)."""
+        if self._default_model is None:
+            models = self.health()["models"]
+            if not models:
+                raise CoordinatorError(400, "the node serves no model", "UNKNOWN_MODEL")
+            self._default_model = models[0]
+        return self._default_model
+
+    def submit_job(self, prompt: str, model: str | None = None, **params: Any) -> dict[str, Any]:
+        """Submit a job; `params` are max_tokens, temperature, top_p, seed, stop. Without a
+        model, the node's first served model."""
+        body = {"prompt": prompt, "model": model or self.default_model(), "params": params}
+        return self.request("POST", "/v1/jobs", json=body)
+
+    def get_job(self, job_id: str, wait: float | None = None) -> dict[str, Any]:
+        """A job; with `wait`, the node answers as soon as it ends (or after `wait` seconds)."""
+        timeout = None if wait is None else wait + self.client.timeout.read + 1
+        return self.request("GET", f"/v1/jobs/{job_id}", params={"wait": wait}, timeout=timeout)
+
+    def wait_for_job(self, job_id: str, timeout: float = 60) -> dict[str, Any]:
+        """The job once it has ended; raises TimeoutError after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            job = self.get_job(job_id, wait=round(min(max(remaining, 0), MAX_SERVER_WAIT), 3))
+            if job["status"] in TERMINAL:
+                return job
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"Job {job_id} did not complete in {timeout}s")
+
+    def list_jobs(
+        self, status: str | None = None, limit: int | None = None, cursor: str | None = None
+    ) -> dict[str, Any]:
+        return self.request(
+            "GET", "/v1/jobs", params={"status": status, "limit": limit, "cursor": cursor}
+        )
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/v1/jobs/{job_id}/cancel")
+
+    def get_receipt(self, receipt_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/receipts/{receipt_id}")
+
+    def get_receipt_proof(self, receipt_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/receipts/{receipt_id}/proof")
+
+    def list_receipts(
+        self, client: str | None = None, limit: int | None = None, cursor: str | None = None
+    ) -> dict[str, Any]:
+        return self.request(
+            "GET", "/v1/receipts", params={"client": client, "limit": limit, "cursor": cursor}
+        )
+
+    def node_public_key_or_fetch(self) -> str:
+        """The pinned node key, or (trust on first use) the one `/health` shows, pinned now."""
+        if self.node_public_key is None:
+            self.node_public_key = self.health()["node"]["public_key"]
+        return self.node_public_key
+
+    def verify_receipt(
+        self, receipt: dict[str, Any] | str, public_key: str | None = None
+    ) -> Verdict:
+        """Verify a receipt (or a receipt id) here, against `public_key` or the pinned key."""
+        if isinstance(receipt, str):
+            receipt = self.get_receipt(receipt)
+        return verify_receipt(receipt, public_key or self.node_public_key_or_fetch())
+
+    # -- miners -------------------------------------------------------------------------
+
+    def whoami(self) -> dict[str, Any]:
+        return self.request("GET", "/v1/whoami")
+
+    def register_miner(
+        self,
+        miner_id: str,
+        capabilities: list[str],
+        gpu_info: dict[str, Any] | None = None,
+        public_key: str | None = None,
+    ) -> dict[str, Any]:
+        body = _clean(
+            {
+                "miner_id": miner_id,
+                "capabilities": capabilities,
+                "gpu_info": gpu_info or {},
+                "public_key": public_key,
+            }
+        )
+        return self.request("POST", "/v1/miners/register", json=body)
+
+    def available_jobs(self, miner_id: str, wait: float | None = None) -> list[dict[str, Any]]:
+        timeout = None if wait is None else wait + self.client.timeout.read + 1
+        return self.request(
+            "GET",
+            "/v1/jobs/available",
+            params={"miner_id": miner_id, "wait": wait},
+            timeout=timeout,
+        )["jobs"]
+
+    def claim_job(self, job_id: str, miner_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/v1/jobs/{job_id}/claim", json={"miner_id": miner_id})
+
+    def heartbeat(self, miner_id: str) -> dict[str, Any]:
+        return self.request("POST", f"/v1/miners/{miner_id}/heartbeat")
+
+    def report_progress(self, job_id: str, miner_id: str, text: str) -> dict[str, Any]:
+        return self.request(
+            "POST", f"/v1/jobs/{job_id}/progress", json={"miner_id": miner_id, "text": text}
+        )
+
+    def complete_job(self, job_id: str, miner_id: str, result: str, **extra: Any) -> dict:
+        """Complete a claimed job; `extra`: usage, model_sha256, miner_signature."""
+        body = {"miner_id": miner_id, "result": result, **extra}
+        return self.request("POST", f"/v1/jobs/{job_id}/complete", json=body)
+
+    def fail_job(self, job_id: str, miner_id: str, error: str) -> dict[str, Any]:
+        return self.request(
+            "POST", f"/v1/jobs/{job_id}/fail", json={"miner_id": miner_id, "error": error}
+        )
+
+
+class AsyncCoordinatorClient:
+    """The asynchronous twin of `CoordinatorClient` (the client-side calls)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        retries: int = 5,
+        backoff: float = 0.5,
+        node_public_key: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.headers = {"X-Api-Key": api_key} if api_key else {}
+        self.node_public_key = node_public_key
+        self.policy = _Policy(retries, backoff)
+        self.client = httpx.AsyncClient(headers=self.headers, timeout=timeout, transport=transport)
+        self._default_model: str | None = None
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def __aenter__(self) -> AsyncCoordinatorClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        params: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """One API call with the retry policy; the decoded JSON answer."""
+        attempt = 0
+        extra = {"timeout": timeout} if timeout is not None else {}
+        while True:
+            try:
+                response = await self.client.request(
+                    method, self.base_url + path, json=json, params=_clean(params or {}), **extra
+                )
+            except httpx.TransportError as e:
+                delay = self.policy.delay_after_error(method, e, attempt)
+                if delay is None:
+                    raise CoordinatorUnavailable(f"{method} {path}: {e}") from e
+            else:
+                if response.is_success:
+                    return response.json()
+                delay = self.policy.delay_after_response(method, response, attempt)
+                if delay is None:
+                    raise _error(response)
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def health(self) -> dict[str, Any]:
+        return await self.request("GET", "/health")
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.request("GET", "/v1/stats")
+
+    async def default_model(self) -> str:
+        if self._default_model is None:
+            models = (await self.health())["models"]
+            if not models:
+                raise CoordinatorError(400, "the node serves no model", "UNKNOWN_MODEL")
+            self._default_model = models[0]
+        return self._default_model
+
+    async def submit_job(
+        self, prompt: str, model: str | None = None, **params: Any
+    ) -> dict[str, Any]:
+        body = {"prompt": prompt, "model": model or await self.default_model(), "params": params}
+        return await self.request("POST", "/v1/jobs", json=body)
+
+    async def get_job(self, job_id: str, wait: float | None = None) -> dict[str, Any]:
+        timeout = None if wait is None else wait + self.client.timeout.read + 1
+        return await self.request(
+            "GET", f"/v1/jobs/{job_id}", params={"wait": wait}, timeout=timeout
+        )
+
+    async def wait_for_job(self, job_id: str, timeout: float = 60) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            remaining = deadline - loop.time()
+            job = await self.get_job(job_id, wait=round(min(max(remaining, 0), MAX_SERVER_WAIT), 3))
+            if job["status"] in TERMINAL:
+                return job
+            if loop.time() >= deadline:
+                raise TimeoutError(f"Job {job_id} did not complete in {timeout}s")
+
+    async def list_jobs(
+        self, status: str | None = None, limit: int | None = None, cursor: str | None = None
+    ) -> dict[str, Any]:
+        return await self.request(
+            "GET", "/v1/jobs", params={"status": status, "limit": limit, "cursor": cursor}
+        )
+
+    async def cancel_job(self, job_id: str) -> dict[str, Any]:
+        return await self.request("POST", f"/v1/jobs/{job_id}/cancel")
+
+    async def get_receipt(self, receipt_id: str) -> dict[str, Any]:
+        return await self.request("GET", f"/v1/receipts/{receipt_id}")
+
+    async def list_receipts(
+        self, client: str | None = None, limit: int | None = None, cursor: str | None = None
+    ) -> dict[str, Any]:
+        return await self.request(
+            "GET", "/v1/receipts", params={"client": client, "limit": limit, "cursor": cursor}
+        )
+
+    async def verify_receipt(
+        self, receipt: dict[str, Any] | str, public_key: str | None = None
+    ) -> Verdict:
+        if isinstance(receipt, str):
+            receipt = await self.get_receipt(receipt)
+        if public_key is None and self.node_public_key is None:
+            self.node_public_key = (await self.health())["node"]["public_key"]
+        return verify_receipt(receipt, public_key or self.node_public_key)
