@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aitbc_node import __version__
+from aitbc_node.client_cli import add_client_commands
 from aitbc_node.config import DEFAULT_HOST, DEFAULT_PORT, JobRules, Limits, default_data_dir
 from aitbc_node.delivery import RetryPolicy
 from aitbc_node.errors import ApiError
@@ -312,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the whole ledger of the node in DIR (trusting DIR's node key, or --pubkey)",
     )
     verify.set_defaults(run=cmd_verify)
+    add_client_commands(commands)
     return parser
 
 

@@ -49,10 +49,10 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 class NodeProcess:
     """A node server in a subprocess, and an HTTP client for it."""
 
-    def __init__(self, data_dir: Path, *args: str) -> None:
+    def __init__(self, data_dir: Path, *args: str, port: int | None = None) -> None:
         self.data_dir = data_dir
         self.args = list(args)
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         self.proc: subprocess.Popen[str] | None = None
         self.http = httpx.Client(timeout=30)
@@ -205,8 +205,8 @@ def start_node(tmp_path: Path) -> Iterator[Any]:
     """Start nodes of this test's own (`start_node(*flags)`); all are stopped at the end."""
     started: list[NodeProcess] = []
 
-    def start(*args: str, data_dir: Path | None = None) -> NodeProcess:
-        proc = NodeProcess(data_dir or tmp_path / f"node{len(started)}", *args).start()
+    def start(*args: str, data_dir: Path | None = None, port: int | None = None) -> NodeProcess:
+        proc = NodeProcess(data_dir or tmp_path / f"node{len(started)}", *args, port=port).start()
         started.append(proc)
         return proc
 
