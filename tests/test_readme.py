@@ -49,3 +49,63 @@ def test_the_ten_line_pynacl_snippet_verifies_a_real_receipt(
     assert ok.returncode == 0 and ok.stdout.strip() == f"valid: {receipt['receipt_id']}"
     forged = run(receipt | {"amount": 0})
     assert forged.returncode != 0 and "BadSignatureError" in forged.stderr
+
+
+def test_the_webhook_receiver_accepts_a_real_event_and_rejects_a_forgery(
+    start_node, tmp_path: Path
+) -> None:
+    import os
+    import socket
+    import time
+
+    snippet = README.split("<!-- webhook-receiver -->", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", snippet, re.S).group(1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "receiver.py"
+    script.write_text(snippet.replace("9000", str(port)))
+    node = start_node("--no-miner")
+    hook = node.request(
+        "POST",
+        "/v1/webhooks",
+        node.client_key,
+        json={"url": f"http://127.0.0.1:{port}/hook", "events": ["job.cancelled"]},
+    ).json()
+    receiver = subprocess.Popen(
+        [sys.executable, str(script)],
+        env={**os.environ, "WEBHOOK_SECRET": hook["secret"]},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(0.5)
+        forged = httpx_post(port, b'{"event": "job.cancelled"}', "t=1,v1=00")
+        assert forged == 400
+        node.register_miner("m")
+        job_id = node.submit("cancel me")["job_id"]
+        node.request("POST", f"/v1/jobs/{job_id}/cancel", node.client_key)
+        deadline = time.monotonic() + 20
+        while True:
+            (delivery,) = node.request(
+                "GET", f"/v1/webhooks/{hook['webhook_id']}/deliveries", node.client_key
+            ).json()["deliveries"]
+            if delivery["state"] == "delivered" or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert delivery["attempts"][-1]["status_code"] == 204
+    finally:
+        receiver.terminate()
+        out, _ = receiver.communicate(timeout=10)
+    assert out.split() == ["job.cancelled", job_id, "None"]
+
+
+def httpx_post(port: int, body: bytes, signature: str) -> int:
+    import httpx
+
+    return httpx.post(
+        f"http://127.0.0.1:{port}/hook",
+        content=body,
+        headers={"AITBC-Signature": signature, "AITBC-Event-Id": "evt-forged"},
+    ).status_code
