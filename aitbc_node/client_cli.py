@@ -223,7 +223,7 @@ def _runner(
                 hint = f"; is {url} the API base, e.g. {DEFAULT_URL}?"
             _say(f"error: {e.detail} ({e.error_code}){hint}")
             return EXIT_API_ERROR
-        except ValueError as e:  # a 2xx answer that is not JSON: not a node's API
+        except json.JSONDecodeError as e:  # a 2xx answer that is not JSON: not a node's API
             _say(f"error: the answer from {url} is not the node API's JSON: {e} (INVALID_ANSWER)")
             return EXIT_API_ERROR
         finally:

@@ -9,6 +9,7 @@ shutdown stops the work within one token.
 from __future__ import annotations
 
 import codecs
+import ctypes
 import logging
 import os
 import platform
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+from llama_cpp import _ggml
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from aitbc_node.models import ModelFile
@@ -48,23 +50,69 @@ def gpu_offload_supported() -> bool:
 
 
 def device_info(gpu_layers: int) -> dict[str, Any]:
-    """What the miner runs on, for `gpu_info` and `/api/health`."""
-    system = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+    """What the miner runs on, for `gpu_info` and `/api/health`: the backend in use ("gpu"
+    when layers are offloaded to a GPU device, else "cpu"), the device's name and memory, and
+    every device llama.cpp sees."""
+    devices = _devices()
+    gpus = [d for d in devices if d["type"] == "gpu"]
+    on_gpu = gpu_layers != 0 and bool(gpus) and gpu_offload_supported()
+    main = gpus[0] if on_gpu else {"description": _cpu_name(), "memory_total": None}
     info: dict[str, Any] = {
-        "backend": "gpu" if gpu_layers != 0 and gpu_offload_supported() else "cpu",
+        "backend": "gpu" if on_gpu else "cpu",
+        "name": main["description"],
         "gpu_offload_supported": gpu_offload_supported(),
-        "gpu_layers": gpu_layers,
+        "gpu_layers": gpu_layers if on_gpu else 0,
+        "devices": devices,
         "llama_cpp_version": llama_cpp.__version__,
-        "system_info": system,
+        "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
         "cpu": _cpu_name(),
         "cpu_threads": os.cpu_count() or 1,
     }
-    name = _gpu_name()
-    if name:
-        info["name"] = name
-    else:
-        info["name"] = info["cpu"]
+    if main.get("memory_total"):
+        info["memory"] = f"{main['memory_total'] / 2**30:.0f}GB"
     return info
+
+
+# ggml's device types (ggml-backend.h): CPU, GPU, integrated GPU, accelerator.
+_DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "gpu", 3: "accel"}
+
+
+def _devices() -> list[dict[str, Any]]:
+    """The compute devices llama.cpp's backends see, through ggml's C API (not wrapped by
+    llama-cpp-python, hence ctypes); [] if this build lacks it."""
+    try:
+        lib = _ggml.libggml
+        lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+        lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+        lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+        for name in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
+            getattr(lib, name).restype = ctypes.c_char_p
+            getattr(lib, name).argtypes = [ctypes.c_void_p]
+        lib.ggml_backend_dev_type.restype = ctypes.c_int
+        lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+        lib.ggml_backend_dev_memory.restype = None
+        lib.ggml_backend_dev_memory.argtypes = [
+            ctypes.c_void_p,
+            ctypes.POINTER(ctypes.c_size_t),
+            ctypes.POINTER(ctypes.c_size_t),
+        ]
+        llama_cpp.llama_backend_init()
+        devices = []
+        for i in range(lib.ggml_backend_dev_count()):
+            dev = lib.ggml_backend_dev_get(i)
+            free, total = ctypes.c_size_t(), ctypes.c_size_t()
+            lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+            devices.append(
+                {
+                    "name": lib.ggml_backend_dev_name(dev).decode(errors="replace"),
+                    "description": lib.ggml_backend_dev_description(dev).decode(errors="replace"),
+                    "type": _DEVICE_TYPES.get(lib.ggml_backend_dev_type(dev), "other"),
+                    "memory_total": total.value,
+                }
+            )
+        return devices
+    except (AttributeError, OSError):
+        return []
 
 
 def _cpu_name() -> str:
@@ -75,18 +123,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def _gpu_name() -> str | None:
-    """The first NVIDIA GPU's name, read from the driver's /proc entry when there is one."""
-    root = Path("/proc/driver/nvidia/gpus")
-    if not gpu_offload_supported() or not root.is_dir():
-        return None
-    for info in sorted(root.glob("*/information")):
-        for line in info.read_text().splitlines():
-            if line.startswith("Model:"):
-                return line.split(":", 1)[1].strip()
-    return None
 
 
 def default_gpu_layers() -> int:

@@ -1,0 +1,182 @@
+"""The Python client library (`aitbc_node.client`) against real nodes: long-polling, retries
+and Retry-After, typed errors, the async twin, and receipts verified here."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+
+from aitbc_node.client import (
+    AsyncCoordinatorClient,
+    CoordinatorClient,
+    CoordinatorError,
+    CoordinatorUnavailable,
+)
+from aitbc_node.signing import NodeKey
+from tests.conftest import SMOL, NodeProcess, free_port, run_cli
+
+WAIT = 180  # seconds a job may take: the box is shared, generation can be slow
+
+
+def pinned_key(node: NodeProcess) -> str:
+    """The node's public key as its operator reads it from the data directory."""
+    shown = run_cli("keys", "show", "--json", "--data-dir", str(node.data_dir)).stdout
+    return json.loads(shown)["public_key"]
+
+
+def test_wait_for_job_returns_within_50_ms_of_completion(start_node) -> None:
+    node = start_node("--no-miner")
+    miner_key = node.register_miner("m")
+    with CoordinatorClient(node.url, node.client_key) as client:
+        job_id = client.submit_job("long-poll me", model=SMOL)["job_id"]
+        r = node.request("POST", f"/v1/jobs/{job_id}/claim", miner_key, json={"miner_id": "m"})
+        assert r.status_code == 200, r.text
+
+        done: dict = {}
+
+        def wait() -> None:
+            done["job"] = client.wait_for_job(job_id, timeout=60)
+            done["at"] = time.monotonic()
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        time.sleep(0.5)  # the wait is parked on the node by now
+        assert "job" not in done
+        completing = time.monotonic()
+        r = node.request(
+            "POST", f"/v1/jobs/{job_id}/complete", miner_key, json={"miner_id": "m", "result": "ok"}
+        )
+        assert r.status_code == 200, r.text
+        waiter.join(30)
+    assert done["job"]["status"] == "completed" and done["job"]["result"] == "ok"
+    assert done["at"] - completing < 0.05, f"returned {done['at'] - completing:.3f} s after"
+
+
+def test_a_429_is_retried_after_retry_after(start_node) -> None:
+    node = start_node("--no-miner", "--rate", "client=1/1")
+    with CoordinatorClient(node.url, node.client_key, retries=3) as client:
+        assert client.list_jobs() == {"jobs": [], "next_cursor": None}
+        started = time.monotonic()
+        assert client.list_jobs()["jobs"] == []  # 429 on the node, then a retry that works
+        assert time.monotonic() - started >= 0.9
+    impatient = CoordinatorClient(node.url, node.client_key, retries=0)
+    with impatient, pytest.raises(CoordinatorError) as caught:
+        impatient.list_jobs()
+    error = caught.value
+    assert error.status == 429
+    assert error.error_code == "RATE_LIMITED"
+    assert error.retry_after is not None and error.retry_after >= 1
+    assert "rate limit" in error.detail
+
+
+def test_errors_carry_status_and_error_code(node: NodeProcess) -> None:
+    with CoordinatorClient(node.url, node.client_key) as client:
+        with pytest.raises(CoordinatorError) as caught:
+            client.get_job("job-0000000000000000")
+        assert (caught.value.status, caught.value.error_code) == (404, "JOB_NOT_FOUND")
+        assert caught.value.detail
+
+        with pytest.raises(CoordinatorError) as caught:
+            client.submit_job("hi", model="no-such-model")
+        assert (caught.value.status, caught.value.error_code) == (400, "UNKNOWN_MODEL")
+        assert SMOL in caught.value.detail  # it names the models that are served
+
+        job = client.wait_for_job(client.submit_job("hi", max_tokens=4)["job_id"], WAIT)
+        assert job["status"] == "completed"
+        with pytest.raises(CoordinatorError) as caught:
+            client.cancel_job(job["job_id"])
+        assert (caught.value.status, caught.value.error_code) == (409, "JOB_ALREADY_FINISHED")
+
+    with CoordinatorClient(node.url, "ait_client_not_a_key") as stranger:
+        with pytest.raises(CoordinatorError) as caught:
+            stranger.list_jobs()
+        assert (caught.value.status, caught.value.error_code) == (401, "INVALID_API_KEY")
+        assert not isinstance(caught.value, CoordinatorUnavailable)
+
+
+def test_a_closed_port_raises_coordinator_unavailable() -> None:
+    url = f"http://127.0.0.1:{free_port()}/api"
+    with CoordinatorClient(url, "k", retries=2, backoff=0.05) as client:
+        started = time.monotonic()
+        with pytest.raises(CoordinatorUnavailable) as caught:
+            client.health()
+        assert time.monotonic() - started >= 0.15  # it backed off 0.05 s, then 0.1 s
+        assert caught.value.status == 0 and caught.value.error_code == "UNREACHABLE"
+        with pytest.raises(CoordinatorUnavailable):
+            client.submit_job("hi", model=SMOL)  # a refused connection: safe to retry a POST
+        assert time.monotonic() - started < 10
+
+
+def test_the_client_calls_on_a_real_job(node: NodeProcess) -> None:
+    pubkey = pinned_key(node)
+    with CoordinatorClient(node.url, node.client_key) as client:
+        assert client.health()["status"] == "ok"
+        assert client.default_model() == SMOL
+        submitted = client.submit_job("Say hello.", max_tokens=16, temperature=0, seed=3)
+        assert submitted["status"] in ("pending", "running")
+        job = client.wait_for_job(submitted["job_id"], WAIT)
+        assert job["status"] == "completed" and job["result"]
+        assert client.get_job(job["job_id"]) == job
+
+        listed = client.list_jobs(status="completed", limit=50)
+        assert job["job_id"] in [j["job_id"] for j in listed["jobs"]]
+        assert {j["status"] for j in listed["jobs"]} == {"completed"}
+
+        receipt = client.get_receipt(job["receipt_id"])
+        assert receipt["job_id"] == job["job_id"]
+        receipts = client.list_receipts(client=receipt["client_address"], limit=50)
+        assert receipt in [entry["receipt"] for entry in receipts["receipts"]]
+
+        verdict = client.verify_receipt(receipt, pubkey)
+        assert verdict.valid, verdict.reasons
+        other = client.verify_receipt(receipt, NodeKey.generate().public_key_hex)
+        assert not other.valid and other.reasons
+        # By id, against the key the node shows (trust on first use), which is now pinned.
+        assert client.verify_receipt(job["receipt_id"]).valid
+        assert client.node_public_key == pubkey
+        tampered = {**receipt, "completion_tokens": receipt["completion_tokens"] + 1}
+        assert not client.verify_receipt(tampered, pubkey).valid
+
+        stats = client.stats()
+        assert stats["jobs"]["completed"] >= 1 and stats["served_models"] == [SMOL]
+
+
+def test_cancel_job(start_node) -> None:
+    node = start_node("--no-miner", "--accept-unserved-models")
+    with CoordinatorClient(node.url, node.client_key) as client:
+        job = client.submit_job("wait in the queue", model=SMOL)
+        cancelled = client.cancel_job(job["job_id"])
+        assert cancelled["job_id"] == job["job_id"] and cancelled["status"] == "cancelled"
+        assert client.wait_for_job(job["job_id"], 5)["status"] == "cancelled"
+        with pytest.raises(CoordinatorError) as caught:
+            client.cancel_job(job["job_id"])
+        assert (caught.value.status, caught.value.error_code) == (409, "JOB_ALREADY_FINISHED")
+        with pytest.raises(TimeoutError):
+            client.wait_for_job(client.submit_job("never served", model=SMOL)["job_id"], 0.3)
+
+
+def test_the_async_client_submits_and_waits(node: NodeProcess) -> None:
+    pubkey = pinned_key(node)
+
+    async def main() -> None:
+        async with AsyncCoordinatorClient(node.url, node.client_key) as client:
+            assert await client.default_model() == SMOL
+            submitted = await client.submit_job("Say hello.", max_tokens=16)
+            job = await client.wait_for_job(submitted["job_id"], WAIT)
+            assert job["status"] == "completed" and job["result"]
+            listed = await client.list_jobs(limit=50)
+            assert job["job_id"] in [j["job_id"] for j in listed["jobs"]]
+            receipt = await client.get_receipt(job["receipt_id"])
+            assert (await client.verify_receipt(receipt, pubkey)).valid
+            assert (await client.verify_receipt(job["receipt_id"])).valid  # TOFU, by id
+            assert client.node_public_key == pubkey
+            assert (await client.stats())["jobs"]["completed"] >= 1
+            with pytest.raises(CoordinatorError) as caught:
+                await client.get_job("job-0000000000000000")
+            assert caught.value.error_code == "JOB_NOT_FOUND"
+
+    asyncio.run(main())
