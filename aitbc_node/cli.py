@@ -334,7 +334,7 @@ def fail(message: str) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from aitbc_node import server
-    from aitbc_node.node import NodeSettings
+    from aitbc_node.node import NodeSettings, StartupError
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -428,7 +428,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def banner(node: Node) -> None:
         print(startup_banner(node, port), flush=True)
 
-    server.run(settings, sock, banner)
+    try:
+        server.run(settings, sock, banner)
+    except StartupError as e:
+        return fail(str(e))
     print("aitbc-node: stopped cleanly", flush=True)
     return 0
 

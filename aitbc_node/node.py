@@ -31,6 +31,11 @@ from aitbc_node.webhooks import Webhooks
 log = logging.getLogger("aitbc_node.node")
 
 DATABASE_FILE = "node.db"
+
+
+class StartupError(Exception):
+    """The node cannot start as configured (a model that does not load, say)."""
+
 NODE_KEY_FILE = "node.key"
 
 
@@ -109,21 +114,24 @@ class Node:
     def _start_miner(self) -> Any:
         # The engine (llama.cpp) is imported only when a miner runs, so `--no-miner`
         # coordinators and the CLI's other commands start without loading it.
-        from aitbc_node.engine import Engine, default_gpu_layers, device_info
+        from aitbc_node.engine import Engine, EngineError, default_gpu_layers, device_info
         from aitbc_node.miner import BuiltinMiner
 
         gpu_layers = self.settings.gpu_layers
         if gpu_layers is None:
             gpu_layers = default_gpu_layers()
-        engines = {
-            m.name: Engine(
-                m,
-                gpu_layers=gpu_layers,
-                context=self.settings.context,
-                threads=self.settings.threads,
-            )
-            for m in self.settings.models
-        }
+        try:
+            engines = {
+                m.name: Engine(
+                    m,
+                    gpu_layers=gpu_layers,
+                    context=self.settings.context,
+                    threads=self.settings.threads,
+                )
+                for m in self.settings.models
+            }
+        except EngineError as e:
+            raise StartupError(str(e)) from e
         miner = BuiltinMiner(
             keys.BUILTIN_MINER_ID,
             engines,

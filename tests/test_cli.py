@@ -103,6 +103,20 @@ def test_a_missing_model_file_is_a_clear_error(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     proc = run_cli("serve", "--alias", "broken", "--data-dir", str(tmp_path / "d"), check=False)
     assert proc.returncode == 2 and "NAME=MODEL" in proc.stderr
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"not a model" * 100)
+    proc = run_cli(
+        "serve",
+        "--model",
+        str(garbage),
+        "--port",
+        "0",
+        "--data-dir",
+        str(tmp_path / "d"),
+        check=False,
+    )
+    assert proc.returncode == 2 and "cannot load model" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_ctrl_c_stops_the_node_cleanly(tmp_path: Path) -> None:
