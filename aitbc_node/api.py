@@ -256,6 +256,8 @@ async def job_events(node: Node, job_id: str) -> AsyncIterator[ServerSentEventMe
                     yield ServerSentEventMessage(event="text", data=rest)
                 yield ServerSentEventMessage(event="job", data=json.dumps(job))
                 return
+            if signals.waiters.closed:
+                return  # shutting down; the client can reconnect to the next start
             try:
                 await asyncio.wait_for(future, STREAM_KEEPALIVE_SECONDS)
             except TimeoutError:

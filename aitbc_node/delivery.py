@@ -1,8 +1,8 @@
 """The webhook dispatcher: sends the outbox's due deliveries, retrying with backoff.
 
 A scheduler thread claims due deliveries (pushing each one's next attempt past the request
-timeout, so a crash mid-request means a retry, never a loss) and hands them to a small pool of
-sender threads. A slow or silent receiver ties up one sender for at most the timeout; it never
+timeout, so a crash mid-request means a retry, never a loss) and hands them to a few sender
+threads. A slow or silent receiver ties up one sender for at most the timeout; it never
 touches the API or the miner. Failures retry after `base * 2^(attempt-1)` seconds, +-20%
 jitter, up to `max_attempts`; then the delivery is `failed`. Every attempt is logged.
 
@@ -13,12 +13,12 @@ library of its own.
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from aitbc_node import __version__
@@ -56,20 +56,29 @@ class Dispatcher:
         self._woken = False
         self._stop = threading.Event()
         self._free = threading.Semaphore(policy.senders)
-        self._pool = ThreadPoolExecutor(policy.senders, thread_name_prefix="webhook-sender")
-        self._thread = threading.Thread(target=self._run, name="webhook-dispatcher", daemon=True)
+        self._queue: queue.SimpleQueue[Row] = queue.SimpleQueue()
+        # Daemon threads, not a ThreadPoolExecutor: the process must not wait at exit for a
+        # receiver that never answers. A request cut off that way keeps its lease in the
+        # outbox and is sent again after the restart (receivers drop repeats by event id).
+        self._threads = [
+            threading.Thread(target=self._run, name="webhook-dispatcher", daemon=True),
+            *(
+                threading.Thread(target=self._sender, name=f"webhook-sender-{i}", daemon=True)
+                for i in range(policy.senders)
+            ),
+        ]
         webhooks.on_enqueued = self.wake
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
-        """Stop claiming; requests in flight finish (each within the timeout)."""
+        """Stop claiming and recording; requests in flight are abandoned, not awaited."""
         self._stop.set()
         self.wake()
-        if self._thread.is_alive():
-            self._thread.join()
-        self._pool.shutdown(wait=True)
+        if self._threads[0].is_alive():
+            self._threads[0].join()
 
     def wake(self) -> None:
         with self._wake:
@@ -84,7 +93,7 @@ class Dispatcher:
                 log.exception("claiming webhook deliveries failed")
                 claimed = []
             for row in claimed:
-                self._pool.submit(self._send, row)
+                self._queue.put(row)
             with self._wake:
                 if not self._woken and not claimed:
                     self._wake.wait(self._seconds_to_next_due())
@@ -124,15 +133,19 @@ class Dispatcher:
             return 60.0
         return min(max((row["due"] - now_ms()) / 1000, 0.01), 60.0)
 
-    def _send(self, row: Row) -> None:
-        try:
-            status, error, started, duration = self._post(row)
-            self._record(row, status, error, started, duration)
-        except Exception:
-            log.exception("webhook delivery %s failed unexpectedly", row["event_id"])
-        finally:
-            self._free.release()
-            self.wake()
+    def _sender(self) -> None:
+        while True:
+            row = self._queue.get()
+            try:
+                status, error, started, duration = self._post(row)
+                if self._stop.is_set():
+                    return  # the store is closing; the lease brings it back after restart
+                self._record(row, status, error, started, duration)
+            except Exception:
+                log.exception("webhook delivery %s failed unexpectedly", row["event_id"])
+            finally:
+                self._free.release()
+                self.wake()
 
     def _post(self, row: Row) -> tuple[int | None, str | None, int, int]:
         body = row["body"].encode()

@@ -36,6 +36,7 @@ DATABASE_FILE = "node.db"
 class StartupError(Exception):
     """The node cannot start as configured (a model that does not load, say)."""
 
+
 NODE_KEY_FILE = "node.key"
 
 

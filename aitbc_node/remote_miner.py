@@ -14,6 +14,7 @@ exits; a second one cuts the generation short and fails the job.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -27,6 +28,11 @@ from aitbc_node.receipts import hash_result
 from aitbc_node.signing import NodeKey
 
 log = logging.getLogger("aitbc_node.remote_miner")
+
+
+class StopNow(Exception):
+    """Raised by the signal handler to end an idle miner's wait at once."""
+
 
 MAX_BACKOFF_SECONDS = 10.0
 PROGRESS_INTERVAL_SECONDS = 0.2
@@ -55,15 +61,26 @@ class RemoteMiner:
         self._stopping = threading.Event()  # finish the job in hand, take no more
         self._aborting = threading.Event()  # cut the job in hand short
         self._failures = 0
+        self._busy = False
 
     def request_stop(self) -> None:
-        """First call: finish the current job, then stop. Second call: abort it too."""
+        """First call: finish the current job, then stop. Second call: abort it too.
+
+        Called from a signal handler: when no job is in hand it raises `StopNow` to cut a
+        long poll short (the wait may have 30 s to run), so an idle miner exits at once.
+        """
         if self._stopping.is_set():
             self._aborting.set()
         self._stopping.set()
+        if not self._busy:
+            raise StopNow
 
     def run(self) -> None:
         """Serve until asked to stop."""
+        with contextlib.suppress(StopNow):
+            self._serve_forever()
+
+    def _serve_forever(self) -> None:
         self._register()
         while not self._stopping.is_set():
             try:
@@ -77,14 +94,19 @@ class RemoteMiner:
             for job in offered:
                 if self._stopping.is_set():
                     break
+                self._busy = True  # from the claim on, a stop waits for the job
                 try:
                     claimed = self.client.claim_job(job["job_id"], self.miner_id)
                 except CoordinatorError as e:
+                    self._busy = False
                     if e.status == 409:
                         continue  # another miner was quicker
                     self._back_off(e)
                     break
-                self._serve(claimed)
+                try:
+                    self._serve(claimed)
+                finally:
+                    self._busy = False
                 break  # ask again: the rest of the offer may be gone
 
     def _register(self) -> None:

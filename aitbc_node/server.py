@@ -61,9 +61,12 @@ def run(settings: NodeSettings, sock: socket.socket, on_ready: Callable[[Node], 
     """
     exit_requested: list[int] = []
     server: _Server | None = None
+    node: Node | None = None
 
     def request_exit(signum: int, _frame: object) -> None:
         exit_requested.append(signum)
+        if node is not None:
+            node.signals.waiters.close()  # long polls and streams answer now
         if server is not None:
             if server.should_exit and signum == signal.SIGINT:
                 server.force_exit = True  # a second Ctrl-C drops in-flight requests

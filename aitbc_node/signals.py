@@ -40,14 +40,28 @@ class Waiters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._waiting: dict[str, set[asyncio.Future[None]]] = {}
+        self.closed = False
 
     def register(self, *keys: str) -> asyncio.Future[None]:
         """A future resolved by the next `notify` of any of `keys` (call in the event loop)."""
         future = asyncio.get_running_loop().create_future()
         with self._lock:
+            if self.closed:
+                future.set_result(None)
+                return future
             for key in keys:
                 self._waiting.setdefault(key, set()).add(future)
         return future
+
+    def close(self) -> None:
+        """Wake every waiter for good (the node is shutting down): long polls answer now,
+        and streams end, instead of holding the shutdown up."""
+        with self._lock:
+            self.closed = True
+            futures = {f for waiting in self._waiting.values() for f in waiting}
+            self._waiting.clear()
+        for future in futures:
+            future.get_loop().call_soon_threadsafe(_resolve, future)
 
     def unregister(self, future: asyncio.Future[None], *keys: str) -> None:
         with self._lock:
@@ -83,7 +97,7 @@ class Waiters:
                 if result is not None:
                     return result
                 remaining = deadline - loop.time()
-                if remaining <= 0:
+                if remaining <= 0 or self.closed:
                     return None
                 try:
                     await asyncio.wait_for(future, remaining)
