@@ -212,3 +212,27 @@ def test_pending_bounds_give_queue_full(start_node) -> None:
     node.submit("third overall", key=other)
     r = node.request("POST", "/v1/jobs", other, json={"prompt": "x", "model": SMOL})
     assert "this node's queue" in assert_error(r, 429, "QUEUE_FULL")["detail"]
+
+
+def test_shutdown_answers_long_polls_instead_of_waiting_for_them(start_node) -> None:
+    node = start_node("--no-miner", "--accept-unserved-models")
+    job_id = node.submit("never served")["job_id"]
+    answer: dict = {}
+
+    def long_poll() -> None:
+        r = httpx.get(
+            f"{node.url}/v1/jobs/{job_id}",
+            params={"wait": 60},
+            headers={"X-Api-Key": node.client_key},
+            timeout=90,
+        )
+        answer["job"] = r.json()
+
+    waiter = threading.Thread(target=long_poll)
+    waiter.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    assert node.terminate(timeout=30) == 0
+    waiter.join(10)
+    assert time.monotonic() - started < 5  # not the 60 s the poll asked for
+    assert answer["job"]["status"] == "pending"

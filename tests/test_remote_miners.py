@@ -214,3 +214,13 @@ def test_sigterm_lets_the_miner_finish_its_job(start_node, start_miner) -> None:
     assert miner.proc.wait(60) == 0
     assert coordinator.job(job_id)["status"] == "completed"
     assert "stopped after 1 jobs" in miner.log.read_text()
+
+
+def test_an_idle_miner_stops_at_once(start_node, start_miner) -> None:
+    coordinator = start_node("--no-miner")
+    miner = start_miner(coordinator, "idle")
+    time.sleep(0.5)  # now inside its 30 s long poll
+    started = time.monotonic()
+    miner.proc.send_signal(signal.SIGTERM)
+    assert miner.proc.wait(20) == 0
+    assert time.monotonic() - started < 5
