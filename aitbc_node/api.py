@@ -239,12 +239,14 @@ async def job_events(node: Node, job_id: str) -> AsyncIterator[ServerSentEventMe
     signals = node.signals
     keys_ = (job_key(job_id), progress_key(job_id))
     streamed: list[str] = []
+    sent_chars = 0
     while True:
         future = signals.waiters.register(*keys_)
         try:
-            text = signals.text_since(job_id, sum(map(len, streamed)))
+            text = signals.text_since(job_id, sent_chars)
             if text:
                 streamed.append(text)
+                sent_chars += len(text)
                 yield ServerSentEventMessage(event="text", data=json.dumps({"text": text}))
                 continue
             job = await in_thread(node.jobs.peek, job_id)

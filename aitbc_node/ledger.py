@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import threading
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from aitbc_node.background import Loop
 from aitbc_node.canonical import canonical_bytes, sha256_hex
 from aitbc_node.chain import GENESIS_PREV_HASH, sign_block
 from aitbc_node.clock import now_ms, rfc3339
@@ -275,24 +275,18 @@ class Ledger:
         return block
 
 
-class BlockSealer:
+class BlockSealer(Loop):
     """A thread that seals a block every `interval` seconds when there is anything new."""
 
     def __init__(self, ledger: Ledger, interval: float, max_items: int) -> None:
+        super().__init__("block-sealer", self._seal_and_wait)
         self.ledger = ledger
         self.interval = interval
         self.max_items = max_items
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="block-sealer", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
 
     def stop(self) -> None:
         """Stop, sealing what is left first so a clean shutdown leaves nothing unsealed."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        super().stop()
         self.seal_all()
 
     def seal_all(self) -> int:
@@ -302,9 +296,6 @@ class BlockSealer:
             sealed += 1
         return sealed
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.seal_all()
-            except Exception:
-                log.exception("sealing a block failed")
+    def _seal_and_wait(self) -> float:
+        self.seal_all()
+        return self.interval

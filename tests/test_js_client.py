@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.conftest import ROOT, SMOL, NodeProcess
 
 JS = ROOT / "tests" / "js"
@@ -31,15 +32,6 @@ SPEC = ROOT.parent / "shared" / "spec" / "coordinator-api-tutorial.md"
 CLASS_SHA256 = "607a33ce6a4e4c304630a0121c3a88f2357790896bd83ced248476a6443eb8e6"
 WAIT_MS = 300_000  # the shared box can be slow to generate
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 APP_ORIGIN = "http://app.example"
 
 

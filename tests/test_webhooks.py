@@ -86,6 +86,19 @@ def register(node: NodeProcess, url: str, events=None, key: str | None = None) -
     return r.json()
 
 
+def only_delivery(node: NodeProcess, webhook_id: str, until, timeout: float = 20) -> dict:
+    """A webhook's one delivery, once `until(delivery)` holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        (delivery,) = node.request(
+            "GET", f"/v1/webhooks/{webhook_id}/deliveries", node.client_key
+        ).json()["deliveries"]
+        if until(delivery):
+            return delivery
+        assert time.monotonic() < deadline, f"delivery stayed {delivery}"
+        time.sleep(0.05)
+
+
 def run_as_miner(node: NodeProcess, key: str, miner: str, job_id: str, outcome: str) -> None:
     r = node.request("POST", f"/v1/jobs/{job_id}/claim", key, json={"miner_id": miner})
     assert r.status_code == 200, r.text
@@ -163,15 +176,7 @@ def test_500_three_times_then_200_delivers_on_the_fourth_attempt(
     assert len(ids) == 1  # the same event, retried
     gaps = [b["at"] - a["at"] for a, b in itertools.pairwise(requests)]
     assert gaps[1] > gaps[0] * 1.2  # backing off
-    deadline = time.monotonic() + 10
-    while True:
-        (delivery,) = node.request(
-            "GET", f"/v1/webhooks/{hook['webhook_id']}/deliveries", node.client_key
-        ).json()["deliveries"]
-        if delivery["state"] == "delivered" or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert delivery["state"] == "delivered"
+    delivery = only_delivery(node, hook["webhook_id"], lambda d: d["state"] == "delivered")
     assert [a["status_code"] for a in delivery["attempts"]] == [500, 500, 500, 200]
     assert all(a["duration_ms"] >= 0 and a["at"] for a in delivery["attempts"])
 
@@ -184,14 +189,7 @@ def test_an_event_survives_a_sigkill_between_attempts(start_node, receiver: Rece
     job_id = node.submit("survive")["job_id"]
     run_as_miner(node, key, "m", job_id, "complete")
     first = receiver.wait_for(1)[0]
-    deadline = time.monotonic() + 10
-    while True:
-        (delivery,) = node.request(
-            "GET", f"/v1/webhooks/{hook['webhook_id']}/deliveries", node.client_key
-        ).json()["deliveries"]
-        if delivery["attempts"] or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    delivery = only_delivery(node, hook["webhook_id"], lambda d: bool(d["attempts"]))
     assert delivery["attempts"][0]["status_code"] == 503
     node.kill()
     again = start_node("--no-miner", "--webhook-retry-base", "3", data_dir=node.data_dir)
