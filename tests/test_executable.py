@@ -257,6 +257,24 @@ def test_a_job_runs_on_the_embedded_model(node: Node) -> None:
     assert job["served_model"] == MODEL
 
 
+def test_a_receipt_verifies_offline_with_the_executable(node: Node, box: Box) -> None:
+    headers = {"X-Api-Key": node.client_key()}
+    body = {"prompt": "Name a colour.", "model": MODEL, "params": {"max_tokens": 8}}
+    job_id = node.http.post(f"{node.url}/api/v1/jobs", json=body, headers=headers).json()["job_id"]
+    job = node.http.get(
+        f"{node.url}/api/v1/jobs/{job_id}", params={"wait": 60}, headers=headers, timeout=90
+    ).json()
+    assert job["status"] == "completed", job
+    receipt = node.http.get(f"{node.url}/api/v1/receipts/{job['receipt_id']}").text
+    (box.root / "receipt.json").write_text(receipt)
+    pubkey = node.http.get(f"{node.url}/api/health").json()["node"]["public_key"]
+    done = box.run("verify", "receipt.json", "--pubkey", pubkey)
+    assert done.returncode == 0 and done.stdout.startswith("VALID"), done.stdout + done.stderr
+    (box.root / "forged.json").write_text(receipt.replace('"units":', '"units":1'))
+    forged = box.run("verify", "forged.json", "--pubkey", pubkey)
+    assert forged.returncode == 1 and forged.stdout.startswith("INVALID")
+
+
 def test_lazily_loaded_parts_are_bundled(node: Node) -> None:
     """Litestar builds the OpenAPI document on first request; the explorer page is a data file
     of the aitbc_node package."""
