@@ -200,6 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a webhook receiver has to answer (%(default)s)",
     )
     serve.add_argument(
+        "--durability",
+        choices=["full", "normal"],
+        default="full",
+        help="full: every committed job and receipt survives a power cut (an fsync per "
+        "write); normal: it survives a crash of the process but a power cut may lose the "
+        "last moments, for ~10x cheaper writes (%(default)s)",
+    )
+    serve.add_argument(
         "--cors-origin",
         action="append",
         default=[],
@@ -412,6 +420,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         block_interval=args.block_interval,
         block_max_items=args.block_max_items,
         cors_origins=args.cors_origin,
+        synchronous=args.durability.upper(),
         rates=rates,
         webhook_retry=RetryPolicy(
             base_seconds=args.webhook_retry_base,

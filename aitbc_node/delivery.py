@@ -105,7 +105,7 @@ class Dispatcher:
         while self._free.acquire(blocking=False):
             now = now_ms()
             lease = now + int((self.policy.timeout_seconds + 5) * 1000)
-            with self.store.write() as db:
+            with self.store.write(durable=False) as db:
                 row = db.one(
                     "UPDATE deliveries SET next_attempt_ms = ? WHERE seq = (SELECT seq FROM"
                     " deliveries WHERE state = 'pending' AND next_attempt_ms <= ?"

@@ -370,7 +370,7 @@ class Jobs:
             else "seq = (SELECT seq FROM jobs WHERE status = 'pending' AND served_model IN"
             " (SELECT value FROM json_each(:caps)) ORDER BY seq LIMIT 1)"
         )
-        with self.store.write() as db:
+        with self.store.write(durable=False) as db:
             row = db.one(
                 "UPDATE jobs SET status = 'running', miner_id = :miner, attempts = attempts + 1,"
                 " started_ms = :now, lease_expires_ms = :lease"
@@ -415,7 +415,7 @@ class Jobs:
 
     def renew_leases(self, miner_id: str) -> list[str]:
         """Push the lease of each running job of `miner_id` a full lease into the future."""
-        with self.store.write() as db:
+        with self.store.write(durable=False) as db:
             rows = db.execute(
                 "UPDATE jobs SET lease_expires_ms = ? WHERE miner_id = ? AND status = 'running'"
                 " RETURNING job_id",

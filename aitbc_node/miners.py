@@ -119,7 +119,7 @@ class Miners:
                 f"this key acts as miner {principal.identity!r}, not {miner_id!r}",
                 error_code="MINER_ID_MISMATCH",
             )
-        with self.store.write() as db:
+        with self.store.write(durable=False) as db:
             row = db.one(
                 "UPDATE miners SET last_seen_ms = ? WHERE miner_id = ? RETURNING *",
                 (now_ms(), miner_id),

@@ -54,7 +54,7 @@ class Connection:
 class Store:
     """The node's SQLite file: migrations at open, one locked writer, per-thread readers."""
 
-    def __init__(self, path: Path, *, synchronous: str = "NORMAL") -> None:
+    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         migrations.apply(self.path)
@@ -75,16 +75,28 @@ class Store:
         return conn
 
     @contextmanager
-    def write(self) -> Iterator[Connection]:
-        """A write transaction (`BEGIN IMMEDIATE`), committed on success, rolled back on error."""
+    def write(self, *, durable: bool = True) -> Iterator[Connection]:
+        """A write transaction (`BEGIN IMMEDIATE`), committed on success, rolled back on error.
+
+        `durable=False` is for writes whose loss in a power cut costs nothing (a claim or a
+        lease renewal: the job just goes back to pending): they skip the fsync even when
+        the store syncs every commit. A later durable commit syncs them too.
+        """
+        light = not durable and self._synchronous == "FULL"
         with self._write_lock:
-            self._writer.execute("BEGIN IMMEDIATE")
+            if light:
+                self._writer.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield Connection(self._writer)
-            except BaseException:
-                self._writer.execute("ROLLBACK")
-                raise
-            self._writer.execute("COMMIT")
+                self._writer.execute("BEGIN IMMEDIATE")
+                try:
+                    yield Connection(self._writer)
+                except BaseException:
+                    self._writer.execute("ROLLBACK")
+                    raise
+                self._writer.execute("COMMIT")
+            finally:
+                if light:
+                    self._writer.execute(f"PRAGMA synchronous={self._synchronous}")
 
     def read(self) -> Connection:
         """This thread's read connection (opened on first use)."""

@@ -92,6 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--durability", default="full", choices=["full", "normal"])
     args = parser.parse_args()
 
     import llama_cpp
@@ -100,7 +101,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         # No rate limit: the pickup measurement polls as fast as it can.
-        node = NodeProcess(Path(tmp) / "data", "--rate", "client=0").start()
+        node = NodeProcess(
+            Path(tmp) / "data", "--rate", "client=0", "--durability", args.durability
+        ).start()
         try:
             node.wait_for(
                 node.submit("warm up", params={"max_tokens": 4})["job_id"], ("completed",)
@@ -122,7 +125,10 @@ def main() -> None:
         finally:
             node.stop()
 
-    print(f"pickup latency over {args.jobs} jobs (POST returned -> running), built-in miner idle")
+    print(
+        f"pickup latency over {args.jobs} jobs (POST returned -> running), built-in miner idle,"
+        f" --durability {args.durability}"
+    )
     print(
         f"  client-observed: p50 {statistics.median(client_ms):.2f} ms, "
         f"p99 {percentile(client_ms, 99):.2f} ms, max {max(client_ms):.2f} ms"
