@@ -168,17 +168,17 @@ class CoordinatorClient:
         return self.request("GET", "/v1/stats")
 
     def default_model(self) -> str:
-        """The node's first served model (asked once)."""
+        """The node's default model (asked once): its own first model, else a served one."""
         if self._default_model is None:
-            models = self.health()["models"]
-            if not models:
+            model = self.health().get("default_model")
+            if not model:
                 raise CoordinatorError(400, "the node serves no model", "UNKNOWN_MODEL")
-            self._default_model = models[0]
+            self._default_model = model
         return self._default_model
 
     def submit_job(self, prompt: str, model: str | None = None, **params: Any) -> dict[str, Any]:
         """Submit a job; `params` are max_tokens, temperature, top_p, seed, stop. Without a
-        model, the node's first served model."""
+        model, the node's default model (/api/health's default_model)."""
         body = {"prompt": prompt, "model": model or self.default_model(), "params": params}
         return self.request("POST", "/v1/jobs", json=body)
 
@@ -355,10 +355,10 @@ class AsyncCoordinatorClient:
 
     async def default_model(self) -> str:
         if self._default_model is None:
-            models = (await self.health())["models"]
-            if not models:
+            model = (await self.health()).get("default_model")
+            if not model:
                 raise CoordinatorError(400, "the node serves no model", "UNKNOWN_MODEL")
-            self._default_model = models[0]
+            self._default_model = model
         return self._default_model
 
     async def submit_job(

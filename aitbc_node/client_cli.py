@@ -88,7 +88,9 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
         ),
     )
     submit.add_argument("prompt", metavar="PROMPT", help="the prompt ('-': read it from stdin)")
-    submit.add_argument("--model", help="the model to run (default: the node's first served model)")
+    submit.add_argument(
+        "--model", help="the model to run (default: the node's default_model from /api/health)"
+    )
     submit.add_argument("--max-tokens", type=int, help="tokens to generate at most")
     submit.add_argument("--temperature", type=float, help="sampling temperature, 0 to 2")
     submit.add_argument("--top-p", type=float, help="nucleus sampling, above 0 up to 1")

@@ -167,10 +167,15 @@ class Node:
                 "current_job": self.miner.current_job,
                 "gpu_info": self.miner.gpu_info,
             }
+        served = self.miners.served_models()
+        own = [m.name for m in self.settings.models] if self.miner is not None else []
         return {
             "status": "ok",
             "version": __version__,
-            "models": self.miners.served_models(),
+            "models": served,
+            # What clients use when they name no model: this node's own first model, which
+            # cannot vanish with a remote miner.
+            "default_model": own[0] if own else (served[0] if served else None),
             "aliases": dict(self.settings.rules.aliases),
             "miner": miner,
             "node": self.identity(),

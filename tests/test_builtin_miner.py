@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from datetime import datetime
 
 from tests.conftest import NodeProcess
 from tests.test_jobs_api import assert_error
 
-# SmolLM2 counts for a long time when asked to; at ~100 tokens/s this runs for many seconds.
-LONG_PROMPT = "Count from 1 to 1000, one number per line."
-LONG_PARAMS = {"max_tokens": 3000, "temperature": 0}
+# Greedy SmolLM2 keeps listing numbers until max_tokens runs out (~100 tokens/s here), where
+# "Count from 1 to 1000" stops by itself after about 20.
+LONG_PROMPT = "List the numbers from 1 to 1000 separated by commas: 1, 2, 3,"
+LONG_PARAMS = {"max_tokens": 1000, "temperature": 0}
 
 
 def wait_until(predicate, timeout: float, what: str) -> None:
@@ -124,3 +126,15 @@ def test_cancel_of_a_finished_job_is_409(node: NodeProcess) -> None:
     node.wait_for(job["job_id"], ("completed",))
     r = node.request("POST", f"/v1/jobs/{job['job_id']}/cancel", node.client_key)
     assert_error(r, 409, "JOB_ALREADY_FINISHED")
+
+
+def test_heartbeats_keep_a_long_job_alive_past_its_lease(start_node) -> None:
+    # One attempt only: had the lease lapsed once, the job would fail with LEASE_EXPIRED.
+    node = start_node("--lease-seconds", "1", "--max-attempts", "1")
+    job = node.submit(LONG_PROMPT, params=LONG_PARAMS)
+    done = node.wait_for(job["job_id"], ("completed", "failed"), timeout=120)
+    assert done["status"] == "completed", done
+    assert done["attempts"] == 1
+    started = datetime.fromisoformat(done["started_at"].replace("Z", "+00:00"))
+    completed = datetime.fromisoformat(done["completed_at"].replace("Z", "+00:00"))
+    assert (completed - started).total_seconds() > 2  # it really outlived the lease

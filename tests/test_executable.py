@@ -54,6 +54,7 @@ CLI_CALLS = [
     (["--version"], "aitbc-node "),
     (["--help"], "serve"),
     (["serve", "--help"], "--model"),
+    (["miner", "--help"], "--coordinator"),
     (["keys", "create", "--role", "client", "--name", "exe-test", "--data-dir", "{data}"], "ait_"),
     (["keys", "list", "--data-dir", "{data}"], "exe-test"),
     (["keys", "revoke", "exe-test", "--data-dir", "{data}"], "revoked"),
@@ -73,6 +74,7 @@ CLI_CALLS = [
         ],
         "",
     ),
+    (["jobs", "--url", "{url}", "--api-key", "{key}"], "completed"),
     (["verify", "--data-dir", "{data}"], "VALID"),
 ]
 
@@ -273,6 +275,51 @@ def test_a_receipt_verifies_offline_with_the_executable(node: Node, box: Box) ->
     (box.root / "forged.json").write_text(receipt.replace('"units":', '"units":1'))
     forged = box.run("verify", "forged.json", "--pubkey", pubkey)
     assert forged.returncode == 1 and forged.stdout.startswith("INVALID")
+
+
+def test_the_executable_runs_as_a_remote_miner(node: Node, box: Box) -> None:
+    """`aitbc-node miner` from the executable serves the node under another model name, so
+    only it can take the job."""
+    key = box.run(
+        "keys", "create", "--role", "miner", "--name", "exe-miner", "--data-dir", str(node.data_dir)
+    ).stdout.strip()
+    model = node.bundle_dir / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    miner = subprocess.Popen(
+        [
+            str(EXE),
+            "miner",
+            "--coordinator",
+            f"{node.url}/api",
+            "--api-key",
+            key,
+            "--model",
+            f"exe-remote={model}",
+            "--data-dir",
+            str(box.root / "miner"),
+        ],
+        env=box.env,
+        cwd=box.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while "exe-remote" not in node.http.get(f"{node.url}/api/health").json()["models"]:
+            assert miner.poll() is None, miner.stdout.read().decode() if miner.stdout else ""
+            assert time.monotonic() < deadline, "the miner never registered"
+            time.sleep(0.1)
+        headers = {"X-Api-Key": node.client_key()}
+        body = {"prompt": "Say yes.", "model": "exe-remote", "params": {"max_tokens": 8}}
+        job_id = node.http.post(f"{node.url}/api/v1/jobs", json=body, headers=headers).json()[
+            "job_id"
+        ]
+        job = node.http.get(
+            f"{node.url}/api/v1/jobs/{job_id}", params={"wait": 60}, headers=headers, timeout=90
+        ).json()
+        assert job["status"] == "completed" and job["miner_id"] == "exe-miner", job
+    finally:
+        stop(miner)
+    assert miner.returncode == 0
 
 
 def test_lazily_loaded_parts_are_bundled(node: Node) -> None:

@@ -21,7 +21,7 @@ def assert_error(response, status: int, error_code: str) -> dict:
 def test_health_is_public_and_names_models_and_miner(node: NodeProcess) -> None:
     health = node.request("GET", "/health").json()
     assert health["status"] == "ok"
-    assert SMOL in health["models"]
+    assert SMOL in health["models"] and health["default_model"] == SMOL
     assert health["miner"]["state"] in ("idle", "busy")
     assert health["miner"]["models"] == [SMOL]
     assert health["miner"]["gpu_info"]["backend"] in ("cpu", "gpu")

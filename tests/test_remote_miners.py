@@ -121,7 +121,8 @@ def test_a_killed_miners_job_is_requeued_and_completed_once(start_node, start_mi
     coordinator = start_node("--no-miner", "--lease-seconds", "2")
     miners = {m.name: m for m in (start_miner(coordinator, "a"), start_miner(coordinator, "b"))}
     job_id = coordinator.submit(
-        "Count from 1 to 1000, one number per line.", params={"max_tokens": 600, "temperature": 0}
+        "List the numbers from 1 to 1000 separated by commas: 1, 2, 3,",
+        params={"max_tokens": 600, "temperature": 0},
     )["job_id"]
     running = coordinator.wait_for(job_id, ("running",), timeout=30)
     victim = miners[running["miner_id"]]
