@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from aitbc_node.receipts import verify_receipt
-from tests.conftest import ROOT, SMOL, NodeProcess
+from tests.conftest import ROOT, SMOL, NodeProcess, stop_process
 
 GEMMA = "gemma-3-270m-q4_k_m"
 
@@ -66,13 +66,7 @@ class MinerProcess:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 @pytest.fixture
