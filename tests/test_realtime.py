@@ -118,7 +118,7 @@ def test_stream_delivers_text_before_completion_and_it_equals_the_result(node) -
 
 def test_a_late_stream_first_gets_the_text_so_far(node) -> None:
     job_id = node.submit(
-        "Count from 1 to 200, one number per line.",
+        "List the numbers from 1 to 1000 separated by commas: 1, 2, 3,",
         params={"max_tokens": 300, "temperature": 0},
     )["job_id"]
     seen = ""
