@@ -583,6 +583,7 @@ def cmd_miner(args: argparse.Namespace) -> int:
     except CoordinatorError as e:
         return fail(f"cannot reach the coordinator at {args.coordinator}: {e.detail}")
     gpu_layers = args.gpu_layers if args.gpu_layers is not None else default_gpu_layers()
+    gpu_info = device_info(gpu_layers)  # before any model loads, as in serve
     try:
         engines = {
             m.name: Engine(m, gpu_layers=gpu_layers, context=args.ctx_size, threads=args.threads)
@@ -590,7 +591,7 @@ def cmd_miner(args: argparse.Namespace) -> int:
         }
     except EngineError as e:
         return fail(str(e))
-    miner = RemoteMiner(client, miner_id, engines, key, device_info(gpu_layers))
+    miner = RemoteMiner(client, miner_id, engines, key, gpu_info)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: miner.request_stop())
     print(

@@ -123,6 +123,9 @@ class Node:
         gpu_layers = self.settings.gpu_layers
         if gpu_layers is None:
             gpu_layers = default_gpu_layers()
+        # Ask for the devices before loading any model: the order checked on a CUDA machine
+        # (after a load there, the node once crashed at start; see the README's GPU section).
+        gpu_info = device_info(gpu_layers)
         try:
             engines = {
                 m.name: Engine(
@@ -138,7 +141,7 @@ class Node:
         miner = BuiltinMiner(
             keys.BUILTIN_MINER_ID,
             engines,
-            device_info(gpu_layers),
+            gpu_info,
             self.jobs,
             self.miners,
             self.signals,
