@@ -76,24 +76,29 @@ class _Policy:
     def _backoff(self, attempt: int) -> float:
         return min(self.backoff * 2**attempt, self.max_backoff)
 
-    def delay_after_response(self, method: str, response: httpx.Response, attempt: int):
-        """Seconds to wait before retrying this answer, or None to give up on it."""
-        if attempt >= self.retries:
-            return None
-        if response.status_code == 429:
-            retry_after = _retry_after(response)
-            return retry_after if retry_after is not None else self._backoff(attempt)
-        if response.status_code == 503 or (response.status_code >= 500 and method == "GET"):
-            return self._backoff(attempt)
-        return None
-
-    def delay_after_error(self, method: str, error: httpx.TransportError, attempt: int):
-        """Seconds to wait before retrying after a transport error, or None."""
-        if attempt >= self.retries:
-            return None
-        if method == "GET" or isinstance(error, httpx.ConnectError):
-            return self._backoff(attempt)
-        return None
+    def delay(
+        self,
+        method: str,
+        path: str,
+        outcome: httpx.Response | httpx.TransportError,
+        attempt: int,
+    ) -> float:
+        """Seconds to wait before retrying after `outcome` (an error answer or a transport
+        error); raises the `CoordinatorError` to give up with."""
+        if isinstance(outcome, httpx.TransportError):
+            if attempt < self.retries and (
+                method == "GET" or isinstance(outcome, httpx.ConnectError)
+            ):
+                return self._backoff(attempt)
+            raise CoordinatorUnavailable(f"{method} {path}: {outcome}") from outcome
+        if attempt < self.retries:
+            status = outcome.status_code
+            if status == 429:
+                retry_after = _retry_after(outcome)
+                return retry_after if retry_after is not None else self._backoff(attempt)
+            if status == 503 or (status >= 500 and method == "GET"):
+                return self._backoff(attempt)
+        raise _error(outcome)
 
 
 def _clean(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -142,21 +147,17 @@ class CoordinatorClient:
         attempt = 0
         extra = {"timeout": timeout} if timeout is not None else {}
         while True:
+            outcome: httpx.Response | httpx.TransportError
             try:
-                response = self.client.request(
+                outcome = self.client.request(
                     method, self.base_url + path, json=json, params=_clean(params or {}), **extra
                 )
             except httpx.TransportError as e:
-                delay = self.policy.delay_after_error(method, e, attempt)
-                if delay is None:
-                    raise CoordinatorUnavailable(f"{method} {path}: {e}") from e
+                outcome = e
             else:
-                if response.is_success:
-                    return response.json()
-                delay = self.policy.delay_after_response(method, response, attempt)
-                if delay is None:
-                    raise _error(response)
-            time.sleep(delay)
+                if outcome.is_success:
+                    return outcome.json()
+            time.sleep(self.policy.delay(method, path, outcome, attempt))
             attempt += 1
 
     # -- clients ----------------------------------------------------------------------
@@ -330,21 +331,17 @@ class AsyncCoordinatorClient:
         attempt = 0
         extra = {"timeout": timeout} if timeout is not None else {}
         while True:
+            outcome: httpx.Response | httpx.TransportError
             try:
-                response = await self.client.request(
+                outcome = await self.client.request(
                     method, self.base_url + path, json=json, params=_clean(params or {}), **extra
                 )
             except httpx.TransportError as e:
-                delay = self.policy.delay_after_error(method, e, attempt)
-                if delay is None:
-                    raise CoordinatorUnavailable(f"{method} {path}: {e}") from e
+                outcome = e
             else:
-                if response.is_success:
-                    return response.json()
-                delay = self.policy.delay_after_response(method, response, attempt)
-                if delay is None:
-                    raise _error(response)
-            await asyncio.sleep(delay)
+                if outcome.is_success:
+                    return outcome.json()
+            await asyncio.sleep(self.policy.delay(method, path, outcome, attempt))
             attempt += 1
 
     async def health(self) -> dict[str, Any]:
