@@ -10,23 +10,75 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from litestar import Litestar, MediaType, Request, Response, Router, delete, get, post
 from litestar.config.cors import CORSConfig
-from litestar.exceptions import HTTPException
-from litestar.openapi import OpenAPIConfig
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.params import Parameter
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
+from litestar.types import Empty
 
 from aitbc_node import __version__, keys
-from aitbc_node.errors import ApiError, BadRequest, PayloadTooLarge
+from aitbc_node.edge import PARAMETER_CODES, decode_body, in_words
+from aitbc_node.errors import ApiError
 from aitbc_node.jobs import TERMINAL
 from aitbc_node.keys import Principal
 from aitbc_node.receipts import verify_receipt
+from aitbc_node.schemas import (
+    ADDRESS_PATTERN,
+    CURSOR_PATTERN,
+    DEFAULT_LIST_LIMIT,
+    ID_PATTERN,
+    IDEMPOTENCY_KEY_PATTERN,
+    MAX_HEIGHT,
+    MAX_ID_CHARS,
+    MAX_IDEMPOTENCY_KEY_CHARS,
+    MAX_LIST_LIMIT,
+    MAX_WAIT_SECONDS,
+    BlockDetail,
+    BlockList,
+    CompleteJob,
+    CreateWebhook,
+    DeletedWebhook,
+    DeliveryList,
+    Error,
+    ExplorerStats,
+    FailJob,
+    Health,
+    Heartbeat,
+    Job,
+    JobList,
+    JobStatus,
+    Miner,
+    MinerList,
+    MinerRequest,
+    NewWebhook,
+    NodeInfo,
+    OfferedJobs,
+    Progress,
+    ProgressReport,
+    Proof,
+    Receipt,
+    ReceiptList,
+    RegisterMiner,
+    Stats,
+    SubmitJob,
+    TransactionList,
+    Verdict,
+    VerifyRequest,
+    WebhookList,
+    WhoAmI,
+    request_schemas,
+)
+from aitbc_node.schemas import Address as AddressView
 from aitbc_node.signals import WORK, job_key, progress_key
 from aitbc_node.signing import key_id_for
 
@@ -40,6 +92,9 @@ T = TypeVar("T")
 _store_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="api-store")
 
 STREAM_KEEPALIVE_SECONDS = 15.0
+# A comment line alone: Litestar's default `data=""` would add an empty `data:` line, which
+# EventSource clients receive as an empty message event.
+KEEP_ALIVE = ServerSentEventMessage(comment="keep-alive", data=None)
 
 HTTP_CODES = {
     400: "BAD_REQUEST",
@@ -49,9 +104,23 @@ HTTP_CODES = {
     404: "NOT_FOUND",
     405: "METHOD_NOT_ALLOWED",
     409: "CONFLICT",
-    413: "PAYLOAD_TOO_LARGE",
+    413: "BODY_TOO_LARGE",
     429: "RATE_LIMITED",
+    503: "SERVICE_UNAVAILABLE",
 }
+
+
+class EdgeRequest(Request):
+    """Litestar's request, decoding its JSON body strictly into the handler's `data` type
+    (see `edge.py`) instead of into plain values converted later in lax mode."""
+
+    async def json(self) -> Any:
+        """The body decoded into the route's `data` type (plain JSON when it has none)."""
+        if self._json is Empty:
+            field = self.route_handler.parsed_data_field
+            target = field.annotation if field is not None else Any
+            self._json = decode_body(await self.body() or b"null", target)
+        return self._json
 
 
 def _node(request: Request) -> Node:
@@ -85,69 +154,150 @@ def public(request: Request) -> Node:
     return node
 
 
-def parse_wait(raw: str | None, request: Request) -> float:
-    """The `wait` query parameter: seconds to long-poll, 0 to the bound (60)."""
-    if raw is None or raw == "":
-        return 0.0
-    bound = _node(request).limits.max_wait_seconds
-    try:
-        wait = float(raw)
-    except ValueError:
-        wait = -1.0
-    if not 0 <= wait <= bound:
-        raise BadRequest(
-            f"wait must be a number of seconds from 0 to {bound:g}", error_code="INVALID_WAIT"
+# -- OpenAPI: the key scheme and the error answers ---------------------------------------
+
+API_KEY = [{"ApiKey": []}]
+
+ERROR_CODES = {
+    400: "INVALID_JSON, INVALID_TEXT, INVALID_BODY, UNKNOWN_FIELDS, UNKNOWN_PARAMS,"
+    " INVALID_PROMPT, PROMPT_TOO_LONG, INVALID_MODEL, UNKNOWN_MODEL, INVALID_PARAMS,"
+    " INVALID_MINER_ID, INVALID_CAPABILITIES, INVALID_GPU_INFO, INVALID_PUBLIC_KEY,"
+    " INVALID_RESULT, INVALID_USAGE, INVALID_ERROR, INVALID_MODEL_SHA256,"
+    " INVALID_MINER_SIGNATURE, MINER_SIGNATURE_REQUIRED, INVALID_URL, INVALID_EVENTS,"
+    " WEBHOOK_URL_NOT_ALLOWED, INVALID_RECEIPT, INVALID_LIMIT, INVALID_CURSOR, INVALID_STATUS,"
+    " INVALID_WAIT, INVALID_ADDRESS, INVALID_HEIGHT, INVALID_JOB_ID, INVALID_RECEIPT_ID,"
+    " INVALID_WEBHOOK_ID, INVALID_IDEMPOTENCY_KEY, BAD_REQUEST",
+    401: "MISSING_API_KEY, INVALID_API_KEY, API_KEY_REVOKED",
+    402: "INSUFFICIENT_FUNDS",
+    403: "WRONG_ROLE, NOT_YOUR_JOB, NOT_YOUR_WEBHOOK, MINER_ID_MISMATCH, NOT_JOB_MINER",
+    404: "JOB_NOT_FOUND, MINER_NOT_REGISTERED, NO_JOB, RECEIPT_NOT_FOUND, BLOCK_NOT_FOUND,"
+    " WEBHOOK_NOT_FOUND, NOT_FOUND",
+    409: "JOB_ALREADY_FINISHED, JOB_ALREADY_CLAIMED, JOB_CANCELLED, JOB_NOT_CLAIMED,"
+    " MODEL_NOT_SERVED, RECEIPT_NOT_SEALED, TOO_MANY_WEBHOOKS, IDEMPOTENCY_KEY_REUSED,"
+    " IDENTITY_ROLE_CONFLICT, CONFLICT",
+    413: "BODY_TOO_LARGE",
+    429: "RATE_LIMITED, QUEUE_FULL (with a Retry-After header)",
+    500: "INTERNAL_ERROR",
+    503: "SERVICE_UNAVAILABLE",
+    507: "STORAGE_FULL (with a Retry-After header)",
+}
+ERROR_TITLES = {
+    400: "Bad request",
+    401: "Missing, unknown or revoked API key",
+    402: "The client's balance does not cover the job",
+    403: "This key may not do this",
+    404: "Not found",
+    409: "Conflict with the current state",
+    413: "The body is too large",
+    429: "Too many requests, or a full queue",
+    500: "Internal error (logged with its request id)",
+    503: "The node is shutting down or over its connection bound",
+    507: "The node's disk is full; nothing was written",
+}
+# Every operation may meet these: a rate limit, and the node's own failure.
+ALWAYS = (429, 500)
+
+
+def errors(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI responses for the error statuses an operation can answer, in the error shape."""
+    return {
+        status: ResponseSpec(
+            data_container=Error,
+            description=f"{ERROR_TITLES[status]}. error_code: {ERROR_CODES[status]}",
+            generate_examples=False,
         )
-    return wait
+        for status in sorted({*statuses, *ALWAYS})
+    }
 
 
-async def json_body(request: Request) -> Any:
-    """The request's JSON body, bounded in size; 413 past the bound, 400 when not JSON."""
-    limit = _node(request).limits.max_body_bytes
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the body is larger than {limit} bytes", error_code="BODY_TOO_LARGE")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(
-                f"the body is larger than {limit} bytes", error_code="BODY_TOO_LARGE"
-            )
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    if not raw.strip():
-        return {}
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadRequest(f"the body is not valid JSON: {e}", error_code="INVALID_JSON") from None
+# A client's, a miner's or any key's operation; one that takes a body; one that writes.
+KEYED = (400, 401, 403)
+BODY = (400, 413)
+WRITES = (507,)
 
 
-async def json_object(request: Request) -> dict[str, Any]:
-    body = await json_body(request)
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object", error_code="INVALID_BODY")
-    return body
+def operation(
+    method: Callable[..., Any],
+    path: str,
+    *statuses: int,
+    tag: str,
+    keyed: bool = True,
+    responses: dict[int, ResponseSpec] | None = None,
+    **options: Any,
+) -> Any:
+    """A route (`method` is Litestar's `get`, `post` or `delete`) with the node's OpenAPI
+    conventions: the error statuses it can answer, in the error shape; the `X-Api-Key` scheme
+    unless it is public; its tag. A POST answers 200 unless told otherwise."""
+    if keyed:
+        statuses = (*KEYED, *statuses)
+        options["security"] = API_KEY
+    if method is post:
+        options.setdefault("status_code", HTTP_200_OK)
+    return method(path, responses={**errors(*statuses), **(responses or {})}, tags=[tag], **options)
+
+
+# Path and query parameters, bounded before they reach the store.
+JobId = Annotated[
+    str, Parameter(pattern=ID_PATTERN, max_length=MAX_ID_CHARS, description="job-...")
+]
+ReceiptId = Annotated[
+    str, Parameter(pattern=ID_PATTERN, max_length=MAX_ID_CHARS, description="rcpt-...")
+]
+WebhookId = Annotated[
+    str, Parameter(pattern=ID_PATTERN, max_length=MAX_ID_CHARS, description="wh-...")
+]
+MinerIdPath = Annotated[str, Parameter(pattern=ID_PATTERN, max_length=MAX_ID_CHARS)]
+Limit = Annotated[
+    int,
+    Parameter(ge=1, le=MAX_LIST_LIMIT, description=f"items per page, 1 to {MAX_LIST_LIMIT}"),
+]
+Cursor = Annotated[
+    str | None,
+    Parameter(
+        pattern=CURSOR_PATTERN,
+        max_length=64,
+        description="next_cursor of the previous page",
+    ),
+]
+Wait = Annotated[
+    float,
+    Parameter(
+        ge=0,
+        le=MAX_WAIT_SECONDS,
+        description=f"seconds to long-poll, 0 to {MAX_WAIT_SECONDS:g}",
+    ),
+]
+Address = Annotated[str, Parameter(pattern=ADDRESS_PATTERN, max_length=MAX_ID_CHARS)]
+IdempotencyKey = Annotated[
+    str | None,
+    Parameter(
+        header="Idempotency-Key",
+        pattern=IDEMPOTENCY_KEY_PATTERN,
+        max_length=MAX_IDEMPOTENCY_KEY_CHARS,
+        description="Makes a retried submit safe: the same key and body from the same client"
+        " return the first job (200), for at least 24 hours; another body gets 409"
+        " IDEMPOTENCY_KEY_REUSED.",
+    ),
+]
 
 
 # -- public ------------------------------------------------------------------------------
 
 
-@get("/health", sync_to_thread=False)
-def health(request: Request) -> dict[str, Any]:
+@operation(get, "/health", tag="node", keyed=False, sync_to_thread=False)
+def health(request: Request) -> Health:
     """Liveness, version, the models served and the built-in miner's state."""
     return public(request).health()
 
 
-@get("/v1/stats")
-async def stats(request: Request) -> dict[str, Any]:
+@operation(get, "/v1/stats", tag="node", keyed=False)
+async def stats(request: Request) -> Stats:
     """Jobs by status, miners online, queue depth, tokens generated, average latency."""
     return await in_thread(public(request).jobs.stats)
 
 
-@get("/v1/miners")
-async def list_miners(request: Request) -> dict[str, Any]:
+@operation(get, "/v1/miners", tag="miners", keyed=False)
+async def list_miners(request: Request) -> MinerList:
     """Every registered miner with its models and state."""
     return {"miners": await in_thread(public(request).miners.list)}
 
@@ -155,16 +305,34 @@ async def list_miners(request: Request) -> dict[str, Any]:
 # -- clients -----------------------------------------------------------------------------
 
 
-@post("/v1/jobs", status_code=HTTP_201_CREATED)
-async def submit_job(request: Request) -> dict[str, Any]:
-    """Submit a job: `{prompt, model, params}`."""
-    body = await json_body(request)
+@operation(
+    post,
+    "/v1/jobs",
+    *BODY,
+    *WRITES,
+    402,
+    409,
+    tag="jobs",
+    status_code=HTTP_201_CREATED,
+    responses={
+        200: ResponseSpec(
+            data_container=Job,
+            description="The job an earlier request with the same Idempotency-Key made",
+            generate_examples=False,
+        )
+    },
+)
+async def submit_job(
+    request: Request, data: SubmitJob, idempotency_key: IdempotencyKey = None
+) -> Response[Job]:
+    """Submit a job: `{prompt, model?, params?}`. Without `model`, the node's `default_model`."""
     jobs = _node(request).jobs
-    return await authorized(request, lambda p: jobs.submit(p, body))
+    job, created = await authorized(request, lambda p: jobs.submit(p, data, idempotency_key))
+    return Response(job, status_code=HTTP_201_CREATED if created else HTTP_200_OK)
 
 
-@get("/v1/whoami")
-async def whoami(request: Request) -> dict[str, Any]:
+@operation(get, "/v1/whoami", tag="keys")
+async def whoami(request: Request) -> WhoAmI:
     """The identity and role this API key acts as."""
     return await authorized(
         request,
@@ -172,62 +340,73 @@ async def whoami(request: Request) -> dict[str, Any]:
     )
 
 
-@get("/v1/jobs")
+@operation(get, "/v1/jobs", tag="jobs")
 async def list_jobs(
-    request: Request, status: str | None = None, limit: str | None = None, cursor: str | None = None
-) -> dict[str, Any]:
+    request: Request,
+    status: JobStatus | None = None,
+    limit: Limit = DEFAULT_LIST_LIMIT,
+    cursor: Cursor = None,
+) -> JobList:
     """Your jobs, newest first; `next_cursor` fetches the next page."""
     jobs = _node(request).jobs
     return await authorized(request, lambda p: jobs.list(p, status, limit, cursor))
 
 
-@get("/v1/jobs/available")
+@operation(get, "/v1/jobs/available", *WRITES, 404, tag="miners")
 async def available_jobs(
-    request: Request, miner_id: str | None = None, wait: str | None = None
-) -> dict[str, Any]:
+    request: Request,
+    miner_id: Annotated[str, Parameter(pattern=ID_PATTERN, max_length=MAX_ID_CHARS)],
+    wait: Wait = 0,
+) -> OfferedJobs:
     """Pending jobs for the models this miner registered, oldest first. With `wait=SECONDS`
     (up to 60) the answer comes the moment a matching job is submitted."""
-    seconds = parse_wait(wait, request)
     node = _node(request)
     found = await authorized(request, lambda p: (p, node.jobs.available(p, miner_id)))
     principal, offer = found
-    if offer["jobs"] or seconds == 0:
+    if offer["jobs"] or wait == 0:
         return offer
 
     async def offered() -> dict[str, Any] | None:
         current = await in_thread(node.jobs.available, principal, miner_id)
         return current if current["jobs"] else None
 
-    return await node.signals.waiters.until(offered, (WORK,), seconds) or {"jobs": []}
+    return await node.signals.waiters.until(offered, (WORK,), wait) or {"jobs": []}
 
 
-@get("/v1/jobs/{job_id:str}")
-async def get_job(request: Request, job_id: str, wait: str | None = None) -> dict[str, Any]:
+@operation(get, "/v1/jobs/{job_id:str}", 404, tag="jobs")
+async def get_job(request: Request, job_id: JobId, wait: Wait = 0) -> Job:
     """One job. With `wait=SECONDS` (up to 60) the answer comes as soon as the job ends, or
     with its current state when the time runs out."""
-    seconds = parse_wait(wait, request)
     node = _node(request)
     job = await authorized(request, lambda p: node.jobs.get(p, job_id))
-    if job["status"] in TERMINAL or seconds == 0:
+    if job["status"] in TERMINAL or wait == 0:
         return job
 
     async def ended() -> dict[str, Any] | None:
         current = await in_thread(node.jobs.peek, job_id)
         return current if current["status"] in TERMINAL else None
 
-    done = await node.signals.waiters.until(ended, (job_key(job_id),), seconds)
+    done = await node.signals.waiters.until(ended, (job_key(job_id),), wait)
     return done or await in_thread(node.jobs.peek, job_id)
 
 
-@post("/v1/jobs/{job_id:str}/cancel", status_code=HTTP_200_OK)
-async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
+@operation(post, "/v1/jobs/{job_id:str}/cancel", *WRITES, 404, 409, tag="jobs")
+async def cancel_job(request: Request, job_id: JobId) -> Job:
     """Cancel a pending or running job."""
     jobs = _node(request).jobs
     return await authorized(request, lambda p: jobs.cancel(p, job_id))
 
 
-@get("/v1/jobs/{job_id:str}/stream")
-async def stream_job(request: Request, job_id: str) -> ServerSentEvent:
+@operation(
+    get,
+    "/v1/jobs/{job_id:str}/stream",
+    404,
+    tag="jobs",
+    media_type="text/event-stream",
+    response_description='Server-sent events: `text` events with `{"text": ...}` as the miner'
+    " generates, then one `job` event with the final job",
+)
+async def stream_job(request: Request, job_id: JobId) -> ServerSentEvent:
     """Server-sent events: `text` events as the miner generates (a late joiner first gets
     the text so far), then one `job` event with the final job view."""
     node = _node(request)
@@ -263,7 +442,7 @@ async def job_events(node: Node, job_id: str) -> AsyncIterator[ServerSentEventMe
             try:
                 await asyncio.wait_for(future, STREAM_KEEPALIVE_SECONDS)
             except TimeoutError:
-                yield ServerSentEventMessage(comment="keep-alive")
+                yield KEEP_ALIVE
         finally:
             signals.waiters.unregister(future, *keys_)
 
@@ -271,82 +450,86 @@ async def job_events(node: Node, job_id: str) -> AsyncIterator[ServerSentEventMe
 # -- miners ------------------------------------------------------------------------------
 
 
-@post("/v1/jobs/{job_id:str}/progress", status_code=HTTP_200_OK)
-async def job_progress(request: Request, job_id: str) -> dict[str, Any]:
+@operation(post, "/v1/jobs/{job_id:str}/progress", *BODY, *WRITES, 404, 409, tag="miners")
+async def job_progress(request: Request, job_id: JobId, data: ProgressReport) -> Progress:
     """A remote miner's generated text so far: `{miner_id, text}` (the new text only)."""
-    body = await json_object(request)
     jobs = _node(request).jobs
-    return await authorized(request, lambda p: jobs.progress(p, job_id, body))
+    return await authorized(request, lambda p: jobs.progress(p, job_id, data))
 
 
-@post("/v1/miners/register", status_code=HTTP_200_OK)
-async def register_miner(request: Request) -> dict[str, Any]:
-    """Register a miner: `{miner_id, capabilities, gpu_info}`."""
-    body = await json_object(request)
+@operation(post, "/v1/miners/register", *BODY, *WRITES, tag="miners")
+async def register_miner(request: Request, data: RegisterMiner) -> Miner:
+    """Register a miner: `{miner_id, capabilities, gpu_info, public_key?}`."""
     miners = _node(request).miners
-    return await authorized(request, lambda p: miners.register(p, body))
+    return await authorized(request, lambda p: miners.register(p, data))
 
 
-@post("/v1/miners/{miner_id:str}/heartbeat", status_code=HTTP_200_OK)
-async def heartbeat(request: Request, miner_id: str) -> dict[str, Any]:
+@operation(post, "/v1/miners/{miner_id:str}/heartbeat", *WRITES, 404, tag="miners")
+async def heartbeat(request: Request, miner_id: MinerIdPath) -> Heartbeat:
     """Renew the leases of this miner's running jobs."""
     jobs = _node(request).jobs
     return await authorized(request, lambda p: jobs.heartbeat(p, miner_id))
 
 
-@post("/v1/jobs/{job_id:str}/claim", status_code=HTTP_200_OK)
-async def claim_job(request: Request, job_id: str) -> dict[str, Any]:
+@operation(post, "/v1/jobs/{job_id:str}/claim", *BODY, *WRITES, 404, 409, tag="miners")
+async def claim_job(request: Request, job_id: JobId, data: MinerRequest) -> Job:
     """Claim a pending job: `{miner_id}`. Of racing claims one wins, the others get 409."""
-    body = await json_object(request)
     jobs = _node(request).jobs
-    return await authorized(request, lambda p: jobs.claim(p, job_id, body))
+    return await authorized(request, lambda p: jobs.claim(p, job_id, data.miner_id))
 
 
-@post("/v1/jobs/{job_id:str}/complete", status_code=HTTP_200_OK)
-async def complete_job(request: Request, job_id: str) -> dict[str, Any]:
-    """Complete a claimed job: `{miner_id, result, usage?}`."""
-    body = await json_object(request)
+@operation(post, "/v1/jobs/{job_id:str}/complete", *BODY, *WRITES, 404, 409, tag="miners")
+async def complete_job(request: Request, job_id: JobId, data: CompleteJob) -> Job:
+    """Complete a claimed job: `{miner_id, result, usage?, model_sha256?, miner_signature?}`."""
     jobs = _node(request).jobs
-    return await authorized(request, lambda p: jobs.complete(p, job_id, body))
+    return await authorized(request, lambda p: jobs.complete(p, job_id, data))
 
 
-@post("/v1/jobs/{job_id:str}/fail", status_code=HTTP_200_OK)
-async def fail_job(request: Request, job_id: str) -> dict[str, Any]:
+@operation(post, "/v1/jobs/{job_id:str}/fail", *BODY, *WRITES, 404, 409, tag="miners")
+async def fail_job(request: Request, job_id: JobId, data: FailJob) -> Job:
     """Fail a claimed job: `{miner_id, error}`."""
-    body = await json_object(request)
     jobs = _node(request).jobs
-    return await authorized(request, lambda p: jobs.fail(p, job_id, body))
+    return await authorized(request, lambda p: jobs.fail(p, job_id, data))
 
 
 # -- webhooks ---------------------------------------------------------------------------
 
 
-@post("/v1/webhooks", status_code=HTTP_201_CREATED)
-async def create_webhook(request: Request) -> dict[str, Any]:
+@operation(post, "/v1/webhooks", *BODY, *WRITES, 409, tag="webhooks", status_code=HTTP_201_CREATED)
+async def create_webhook(request: Request, data: CreateWebhook) -> NewWebhook:
     """Register `{url, events}`; the answer holds the signing secret, shown this once."""
-    body = await json_object(request)
     webhooks = _node(request).webhooks
-    return await authorized(request, lambda p: webhooks.create(p, body))
+    return await authorized(request, lambda p: webhooks.create(p, data))
 
 
-@get("/v1/webhooks")
-async def list_webhooks(request: Request) -> dict[str, Any]:
+@operation(get, "/v1/webhooks", tag="webhooks")
+async def list_webhooks(request: Request) -> WebhookList:
     """Your webhooks (without their secrets)."""
     webhooks = _node(request).webhooks
     return await authorized(request, webhooks.list)
 
 
-@delete("/v1/webhooks/{webhook_id:str}", status_code=HTTP_200_OK)
-async def delete_webhook(request: Request, webhook_id: str) -> dict[str, Any]:
+@operation(
+    delete,
+    "/v1/webhooks/{webhook_id:str}",
+    *WRITES,
+    404,
+    tag="webhooks",
+    status_code=HTTP_200_OK,
+)
+async def delete_webhook(request: Request, webhook_id: WebhookId) -> DeletedWebhook:
     """Delete a webhook; its undelivered events are dropped."""
     webhooks = _node(request).webhooks
     return await authorized(request, lambda p: webhooks.delete(p, webhook_id))
 
 
-@get("/v1/webhooks/{webhook_id:str}/deliveries")
+@operation(get, "/v1/webhooks/{webhook_id:str}/deliveries", 404, tag="webhooks")
 async def webhook_deliveries(
-    request: Request, webhook_id: str, limit: str | None = None, cursor: str | None = None
-) -> dict[str, Any]:
+    request: Request,
+    webhook_id: WebhookId,
+    limit: Limit = DEFAULT_LIST_LIMIT,
+    cursor: Cursor = None,
+) -> DeliveryList:
     """A webhook's events, newest first, with every delivery attempt."""
     webhooks = _node(request).webhooks
     return await authorized(request, lambda p: webhooks.deliveries(p, webhook_id, limit, cursor))
@@ -355,101 +538,98 @@ async def webhook_deliveries(
 # -- receipts and the explorer (public) ----------------------------------------------------
 
 
-@get("/v1/node")
-async def node_info(request: Request) -> dict[str, Any]:
+@operation(get, "/v1/node", tag="node", keyed=False)
+async def node_info(request: Request) -> NodeInfo:
     """The node's public key (pin it to verify receipts), version, chain height, prices."""
     return await in_thread(public(request).describe)
 
 
-@get("/v1/receipts")
+@operation(get, "/v1/receipts", 400, tag="receipts", keyed=False)
 async def list_receipts(
-    request: Request, client: str | None = None, limit: str | None = None, cursor: str | None = None
-) -> dict[str, Any]:
+    request: Request,
+    client: Annotated[
+        Address | None, Parameter(description="narrow to one client's ait1... address")
+    ] = None,
+    limit: Limit = DEFAULT_LIST_LIMIT,
+    cursor: Cursor = None,
+) -> ReceiptList:
     """Receipts, newest first; `client=ait1...` narrows them to one client's address."""
     explorer = public(request).explorer
     return await in_thread(explorer.receipts, limit, cursor, client)
 
 
-@get("/v1/receipts/{receipt_id:str}")
-async def get_receipt(request: Request, receipt_id: str) -> dict[str, Any]:
+@operation(get, "/v1/receipts/{receipt_id:str}", 400, 404, tag="receipts", keyed=False)
+async def get_receipt(request: Request, receipt_id: ReceiptId) -> Receipt:
     """One signed receipt, exactly as the node signed it."""
     return await in_thread(public(request).explorer.receipt, receipt_id)
 
 
-@get("/v1/receipts/{receipt_id:str}/proof")
-async def receipt_proof(request: Request, receipt_id: str) -> dict[str, Any]:
+@operation(get, "/v1/receipts/{receipt_id:str}/proof", 400, 404, 409, tag="receipts", keyed=False)
+async def receipt_proof(request: Request, receipt_id: ReceiptId) -> Proof:
     """The block holding a receipt and the Merkle path from the receipt to the block's root."""
     return await in_thread(public(request).explorer.proof, receipt_id)
 
 
-@post("/v1/receipts/verify", status_code=HTTP_200_OK)
-async def verify_receipt_endpoint(request: Request) -> dict[str, Any]:
+@operation(post, "/v1/receipts/verify", *BODY, tag="receipts", keyed=False)
+async def verify_receipt_endpoint(request: Request, data: VerifyRequest) -> Verdict:
     """`{"receipt": {...}, "public_key"?: hex}` in; a verdict and its reasons out.
 
     Without `public_key` the receipt is checked against this node's own key.
     """
-    public(request)
-    body = await json_object(request)
-    receipt = body.get("receipt")
-    if not isinstance(receipt, dict):
-        raise BadRequest("receipt must be the receipt object", error_code="INVALID_RECEIPT")
-    public_key = body.get("public_key") or _node(request).key.public_key_hex
-    if not isinstance(public_key, str):
-        raise BadRequest("public_key must be a hex string", error_code="INVALID_PUBLIC_KEY")
-    verdict = verify_receipt(receipt, public_key)
-    try:
-        key_id = key_id_for(public_key)
-    except ValueError:
-        key_id = None
-    return {
-        "valid": verdict.valid,
-        "reasons": verdict.reasons,
-        "public_key": public_key,
-        "key_id": key_id,
-    }
+    node = public(request)
+    public_key = data.public_key or node.key.public_key_hex
+    verdict = verify_receipt(data.receipt, public_key)
+    return Verdict(
+        valid=verdict.valid,
+        reasons=list(verdict.reasons),
+        public_key=public_key,
+        key_id=key_id_for(public_key),
+    )
 
 
-@get("/explorer/blocks")
+@operation(get, "/explorer/blocks", 400, tag="explorer", keyed=False)
 async def explorer_blocks(
-    request: Request, limit: str | None = None, cursor: str | None = None
-) -> dict[str, Any]:
+    request: Request, limit: Limit = DEFAULT_LIST_LIMIT, cursor: Cursor = None
+) -> BlockList:
     """Sealed blocks, newest first."""
     return await in_thread(public(request).explorer.blocks, limit, cursor)
 
 
-@get("/explorer/blocks/{height:int}")
-async def explorer_block(request: Request, height: int) -> dict[str, Any]:
+@operation(get, "/explorer/blocks/{height:int}", 400, 404, tag="explorer", keyed=False)
+async def explorer_block(
+    request: Request, height: Annotated[int, Parameter(ge=0, le=MAX_HEIGHT)]
+) -> BlockDetail:
     """One block with its receipt ids and transactions."""
     return await in_thread(public(request).explorer.block, height)
 
 
-@get("/explorer/transactions")
+@operation(get, "/explorer/transactions", 400, tag="explorer", keyed=False)
 async def explorer_transactions(
-    request: Request, limit: str | None = None, cursor: str | None = None
-) -> dict[str, Any]:
+    request: Request, limit: Limit = DEFAULT_LIST_LIMIT, cursor: Cursor = None
+) -> TransactionList:
     """Grants and payments, newest first."""
     return await in_thread(public(request).explorer.transactions, limit, cursor)
 
 
-@get("/explorer/receipts")
+@operation(get, "/explorer/receipts", 400, tag="explorer", keyed=False)
 async def explorer_receipts(
-    request: Request, limit: str | None = None, cursor: str | None = None
-) -> dict[str, Any]:
+    request: Request, limit: Limit = DEFAULT_LIST_LIMIT, cursor: Cursor = None
+) -> ReceiptList:
     """Receipts, newest first, each beside the block that holds it."""
     return await in_thread(public(request).explorer.receipts, limit, cursor)
 
 
-@get("/explorer/stats")
-async def explorer_stats(request: Request) -> dict[str, Any]:
+@operation(get, "/explorer/stats", tag="explorer", keyed=False)
+async def explorer_stats(request: Request) -> ExplorerStats:
     """Chain height, receipts, transactions, jobs by status, miners, tokens, value moved."""
     node = public(request)
     return await in_thread(lambda: node.explorer.stats(node.jobs.stats()))
 
 
-@get("/explorer/addresses/{address:str}")
+@operation(get, "/explorer/addresses/{address:str}", 400, tag="explorer", keyed=False)
 async def explorer_address(
-    request: Request, address: str, limit: str | None = None
-) -> dict[str, Any]:
+    request: Request, address: Address, limit: Limit = DEFAULT_LIST_LIMIT
+) -> AddressView:
     """An address's balance and recent transactions."""
     return await in_thread(public(request).explorer.address, address, limit)
 
@@ -476,19 +656,56 @@ def handle_api_error(_: Request, exc: ApiError) -> Response:
     return _error(exc.status, exc.detail, exc.error_code, exc.headers)
 
 
-def handle_http_exception(_: Request, exc: HTTPException) -> Response:
+def handle_http_exception(request: Request, exc: HTTPException) -> Response:
     status = exc.status_code
+    if status >= 500:
+        # Litestar's own 500s (a response it cannot serialize, say) are bugs like any other:
+        # logged with the traceback (and the request id), never shown to the client.
+        log.error("unhandled error: %s", exc.detail, exc_info=exc)
+        return _error(status, "internal server error", "INTERNAL_ERROR")
     detail = exc.detail
+    code = HTTP_CODES.get(status, "HTTP_ERROR")
     if status == 404:
         detail = "no such endpoint; the API is described at /api/schema"
+    elif status == 413:
+        limit = _node(request).limits.max_body_bytes
+        detail = f"the body is larger than {limit} bytes"
+    elif isinstance(exc, ValidationException):
+        detail, code = _parameter_error(exc)
     elif status == 400 and getattr(exc, "extra", None):
         detail = f"{detail}: {exc.extra}"
-    return _error(status, detail, HTTP_CODES.get(status, "HTTP_ERROR"), exc.headers)
+    return _error(status, detail, code, exc.headers)
+
+
+def _parameter_error(exc: ValidationException) -> tuple[str, str]:
+    """The detail and error code for Litestar's own validation of query and path values:
+    the first bad parameter, by name, with the rule it broke."""
+    problems = exc.extra if isinstance(exc.extra, list) else []
+    for problem in problems:
+        if isinstance(problem, dict) and problem.get("key"):
+            key = str(problem["key"])
+            if key == "data":  # a POST that needs a body and got none
+                return "the body must be a JSON object", "INVALID_BODY"
+            message = in_words(str(problem.get("message", "invalid value")))
+            return f"{key}: {message}", PARAMETER_CODES.get(key, "BAD_REQUEST")
+    missing = re.match(r"Missing required (?:\w+ )?parameter '([^']+)'", str(exc.detail))
+    if missing:
+        key = missing.group(1)
+        return f"{key} is required", PARAMETER_CODES.get(key, "BAD_REQUEST")
+    return str(exc.detail), "BAD_REQUEST"
 
 
 def handle_unexpected(_: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
     return _error(500, "internal server error", "INTERNAL_ERROR")
+
+
+OPENAPI_DESCRIPTION = """\
+The AITBC Coordinator API as served by aitbc-node: clients submit LLM jobs, miners claim and
+run them, every completed job yields a signed receipt. Every error is
+`{"detail": ..., "error_code": ...}`; the error codes of each status are listed with it.
+Keyed operations take the `X-Api-Key` header.
+"""
 
 
 def create_app(node: Node) -> Litestar:
@@ -540,6 +757,8 @@ def create_app(node: Node) -> Litestar:
         )
     app = Litestar(
         route_handlers=[api, explorer_page],
+        request_class=EdgeRequest,
+        request_max_body_size=node.limits.max_body_bytes,
         cors_config=cors,
         exception_handlers={
             ApiError: handle_api_error,
@@ -547,9 +766,37 @@ def create_app(node: Node) -> Litestar:
             Exception: handle_unexpected,
         },
         openapi_config=OpenAPIConfig(
-            title="aitbc-node Coordinator API", version=__version__, path="/api/schema"
+            title="aitbc-node Coordinator API",
+            version=__version__,
+            path="/api/schema",
+            description=OPENAPI_DESCRIPTION,
+            components=Components(
+                security_schemes={
+                    "ApiKey": SecurityScheme(
+                        type="apiKey",
+                        name="X-Api-Key",
+                        security_scheme_in="header",
+                        description="A client, miner or admin key (`aitbc-node keys create`).",
+                    )
+                }
+            ),
         ),
         debug=False,
+        logging_config=None,  # the node's own (logs.setup), not Litestar's root handler
     )
     app.state.node = node
+    _close_request_schemas(app)
     return app
+
+
+def _close_request_schemas(app: Litestar) -> None:
+    """Describe each request body in the OpenAPI document with msgspec's own JSON Schema.
+
+    Litestar's generator drops a field's constraints inside an optional field, a union or a
+    list's items, and knows nothing of `forbid_unknown_fields`; msgspec's keeps every bound,
+    pattern and `additionalProperties: false`, so the document refuses what the node refuses.
+    """
+    schemas = app.openapi_schema.components.schemas
+    if schemas is not None:
+        # Plain JSON Schema dicts: Litestar serialises them as they are.
+        schemas.update(request_schemas())  # type: ignore[arg-type]

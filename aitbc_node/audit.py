@@ -2,8 +2,10 @@
 
 Every block's hash, signature and link to the one before; every block's Merkle root against the
 receipts and transactions that claim to be in it; every receipt's signature; every column
-against the signed or hashed document it indexes; every payment against its receipt; and every
-balance against the transactions. The first break is named, with its block where it has one.
+against the signed or hashed document it indexes; every payment against its receipt; every
+balance against the transactions; and that no identity has live keys of two roles (whose
+receipts and payments could not be told apart). The first break is named, with its block
+where it has one.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from aitbc_node.canonical import CanonicalError, canonical_bytes, sha256_hex
 from aitbc_node.chain import GENESIS_PREV_HASH, block_problems
+from aitbc_node.keys import identity_role_conflicts
 from aitbc_node.ledger import payee_address
 from aitbc_node.merkle import merkle_root
 from aitbc_node.receipts import verify_receipt
@@ -167,6 +170,9 @@ def audit(db: Connection, trusted_public_key_hex: str) -> AuditReport:
                 f"account {address}: balance {accounts.get(address, 0)} nAIT, but its"
                 f" transactions add up to {balances.get(address, 0)}"
             )
+
+    # -- identities: one role each, or one key reads another's jobs and is paid as it ----
+    problems += identity_role_conflicts(db)
     problems.sort(key=_block_order)
     return report
 

@@ -6,18 +6,26 @@ Run `aitbc-node --help`, or `aitbc-node COMMAND --help`, for every flag.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aitbc_node import __version__
+from aitbc_node import __version__, logs
 from aitbc_node.client_cli import add_client_commands
-from aitbc_node.config import DEFAULT_HOST, DEFAULT_PORT, JobRules, Limits, default_data_dir
+from aitbc_node.config import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    ConnectionLimits,
+    JobRules,
+    Limits,
+    default_data_dir,
+)
 from aitbc_node.delivery import RetryPolicy
-from aitbc_node.errors import ApiError
+from aitbc_node.destinations import DestinationPolicy
+from aitbc_node.errors import ApiError, StorageFull
 from aitbc_node.ledger import (
     DEFAULT_GRANT,
     DEFAULT_PRICE_PER_1K,
@@ -200,6 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a webhook receiver has to answer (%(default)s)",
     )
     serve.add_argument(
+        "--webhook-allow",
+        action="append",
+        default=[],
+        metavar="CIDR|HOST",
+        help="let webhooks reach this network or host name although it is not public "
+        "(repeatable), e.g. 127.0.0.1/32 for a receiver on this box; loopback, private, "
+        "link-local and other non-public addresses are refused otherwise",
+    )
+    serve.add_argument(
         "--durability",
         choices=["full", "normal"],
         default="full",
@@ -215,9 +232,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="let browser pages on ORIGIN (e.g. http://localhost:3000) call the API; "
         "repeatable; '*' allows any",
     )
+    limits_ = ConnectionLimits()
     serve.add_argument(
-        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
+        "--header-timeout",
+        type=float,
+        default=limits_.header_timeout,
+        metavar="S",
+        help="seconds a connection has to send a complete request head, from connecting or "
+        "from the first byte of a later request; then it is closed (%(default)s)",
     )
+    serve.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=limits_.keep_alive_timeout,
+        metavar="S",
+        help="seconds an idle connection is kept open between requests (%(default)s)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=limits_.max_connections,
+        metavar="N",
+        help="open connections at most; past it a new one is answered 503 "
+        "TOO_MANY_CONNECTIONS (%(default)s)",
+    )
+    add_log_flags(serve, access_log=True)
     serve.set_defaults(run=cmd_serve)
 
     miner = commands.add_parser(
@@ -259,9 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     miner.add_argument("--gpu-layers", type=int, default=None, help="as for serve")
     miner.add_argument("--ctx-size", type=int, default=4096, help="as for serve (%(default)s)")
     miner.add_argument("--threads", type=int, default=None, help="as for serve")
-    miner.add_argument(
-        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
-    )
+    add_log_flags(miner, access_log=False)
     miner.set_defaults(run=cmd_miner)
 
     keys = commands.add_parser(
@@ -325,6 +362,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_log_flags(parser: argparse.ArgumentParser, *, access_log: bool) -> None:
+    """--log-level and --log-format (and --access-log where there are requests to log)."""
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        choices=list(logs.LEVELS),
+        help="the least severe log lines to print, on stderr (%(default)s)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=list(logs.FORMATS),
+        help="text: 'TIME LEVEL LOGGER: MESSAGE'; json: one JSON object a line (%(default)s)",
+    )
+    if access_log:
+        parser.add_argument(
+            "--access-log",
+            action="store_true",
+            help="log one line per request (method, path, status, duration, request id), "
+            "whatever --log-level is",
+        )
+
+
 def add_data_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir",
@@ -340,13 +400,25 @@ def fail(message: str) -> int:
     return EXIT_USAGE
 
 
+def load_engine_first() -> None:
+    """Load llama.cpp's libraries before anything imports numpy.
+
+    On a CUDA build, numpy loaded first (sqlite-utils imports it when it is installed, and
+    llama-cpp-python depends on it) makes the first model load die with a segmentation
+    fault; llama-cpp-python's own order, its libraries and then numpy, works. Seen on an
+    H100 with CUDA 13: the README's GPU section has the story.
+    """
+    import aitbc_node.engine  # noqa: F401
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    if not args.no_miner:
+        load_engine_first()
     from aitbc_node import server
+    from aitbc_node.lock import DataDirLock, DataDirLocked
     from aitbc_node.node import NodeSettings, StartupError
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.setup(args.log_level, args.log_format, access_log=args.access_log)
     try:
         models = [parse_model_arg(m) for m in args.model]
         if not models and not args.no_miner:
@@ -394,6 +466,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return fail(
             "--max-pending, --max-pending-per-client and --webhook-max-attempts must be >= 1"
         )
+    try:
+        DestinationPolicy(args.webhook_allow)
+    except ValueError as e:
+        return fail(f"bad --webhook-allow: {e}")
     settings = NodeSettings(
         data_dir=(args.data_dir or default_data_dir()).expanduser().resolve(),
         host=args.host,
@@ -427,20 +503,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_attempts=args.webhook_max_attempts,
             timeout_seconds=args.webhook_timeout,
         ),
+        webhook_allow=args.webhook_allow,
     )
+    if min(args.header_timeout, args.keep_alive_timeout) <= 0 or args.max_connections < 1:
+        return fail(
+            "--header-timeout and --keep-alive-timeout must be above 0, --max-connections >= 1"
+        )
+    connection_limits = ConnectionLimits(
+        header_timeout=args.header_timeout,
+        keep_alive_timeout=args.keep_alive_timeout,
+        max_connections=args.max_connections,
+    )
+    # One node per data directory, taken before anything opens the store: a second node
+    # would requeue the first one's running jobs as if they had been interrupted.
+    data_lock = DataDirLock(settings.data_dir)
     try:
-        sock = server.bind(settings.host, settings.port)
-    except server.PortInUse as e:
-        return fail(f"{e} (is another node running? pick another with --port)")
-    port = sock.getsockname()[1]
-
-    def banner(node: Node) -> None:
-        print(startup_banner(node, port), flush=True)
-
-    try:
-        server.run(settings, sock, banner)
-    except StartupError as e:
+        data_lock.acquire()
+    except DataDirLocked as e:
         return fail(str(e))
+    except OSError as e:
+        return fail(f"cannot lock the data directory {settings.data_dir}: {e.strerror}")
+    try:
+        try:
+            sock = server.bind(settings.host, settings.port)
+        except server.PortInUse as e:
+            return fail(f"{e} (is another node running? pick another with --port)")
+        port = sock.getsockname()[1]
+
+        def banner(node: Node) -> None:
+            print(startup_banner(node, port), flush=True)
+
+        try:
+            server.run(settings, sock, banner, connection_limits)
+        except StartupError as e:
+            return fail(str(e))
+        except ApiError as e:  # e.g. the first start's keys clash with a key made before it
+            return fail(e.detail)
+    finally:
+        data_lock.release()
     print("aitbc-node: stopped cleanly", flush=True)
     return 0
 
@@ -556,14 +656,13 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 def cmd_miner(args: argparse.Namespace) -> int:
     import signal
 
+    load_engine_first()
     from aitbc_node.client import CoordinatorClient, CoordinatorError
     from aitbc_node.engine import Engine, EngineError, default_gpu_layers, device_info
     from aitbc_node.remote_miner import RemoteMiner
     from aitbc_node.signing import KeyFileError, NodeKey
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.setup(args.log_level, args.log_format)
     if not args.coordinator or not args.api_key:
         return fail(
             "--coordinator URL and --api-key KEY are required (or AITBC_URL and AITBC_API_KEY)"
@@ -708,11 +807,21 @@ def _verify_ledger(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `aitbc-node` command."""
+    # The data directory and everything in it (the database and its -wal and -shm files
+    # hold webhook secrets and prompts) are the owner's alone, whichever command makes them.
+    os.umask(0o077)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "serve")
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except StorageFull as e:  # a full disk is the operator's to fix: one line, no traceback
+        return fail(e.detail)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        return fail(f"no space left on the device for {e.filename or 'the data directory'}")
 
 
 if __name__ == "__main__":

@@ -48,3 +48,12 @@ class JobRules:
     @property
     def lease_ms(self) -> int:
         return int(self.lease_seconds * 1000)
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """How long a client may take, and how many connections may be open at once."""
+
+    header_timeout: float = 10.0  # connect (or a later request's first byte) to a full head
+    keep_alive_timeout: float = 5.0  # idle time allowed between two requests
+    max_connections: int = 4096

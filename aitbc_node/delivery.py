@@ -6,8 +6,13 @@ threads. A slow or silent receiver ties up one sender for at most the timeout; i
 touches the API or the miner. Failures retry after `base * 2^(attempt-1)` seconds, +-20%
 jitter, up to `max_attempts`; then the delivery is `failed`. Every attempt is logged.
 
-HTTP goes through the standard library's urllib, so the node's server needs no HTTP client
-library of its own.
+Each send checks the destination again (`destinations.py`: the operator may have changed the
+allow-list, a name may now resolve elsewhere) and connects to the very address that passed,
+with the URL's host in `Host` and, for https, as the TLS server name, so the certificate is
+checked against the real name. Redirects are never followed: a 3xx is a failed attempt, retried
+like any other. The delivery log that webhook owners read says only "connection failed" for any
+network error and "destination not allowed" for a refused one (the node's own log has the
+detail), so it cannot be used to map which ports or hosts answer. HTTP goes through httpx.
 """
 
 from __future__ import annotations
@@ -15,20 +20,62 @@ from __future__ import annotations
 import logging
 import queue
 import random
+import ssl
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
+from functools import cache
+
+import httpx
 
 from aitbc_node import __version__
+from aitbc_node.background import Backoff, Supervised, describe, log_failure
 from aitbc_node.clock import now_ms
+from aitbc_node.destinations import Destination, NotAllowed
 from aitbc_node.store import Row, Store
 from aitbc_node.webhooks import Webhooks, sign
 
 log = logging.getLogger("aitbc_node.delivery")
 
 MAX_BACKOFF_SECONDS = 3600.0
+# What the delivery log says for an attempt that got no answer: the same text for a refused
+# connection, a timeout or an unreachable host, so owners cannot scan a network with webhooks.
+CONNECTION_FAILED = "connection failed"
+DESTINATION_NOT_ALLOWED = "destination not allowed"
+
+
+@cache
+def _tls_context() -> ssl.SSLContext:
+    """One verifying TLS context for every send (loading the CA bundle once)."""
+    return httpx.create_ssl_context()
+
+
+def send(
+    url: str, destination: Destination, body: bytes, headers: dict[str, str], timeout: float
+) -> int:
+    """POST `body` to `url` at the checked `destination.address`; the answer's status code.
+
+    Never follows a redirect. Raises httpx.HTTPError (or InvalidURL) when there is no answer.
+    """
+    target = httpx.URL(url)
+    pinned = target.copy_with(host=str(destination.address))
+    # TLS checks the certificate against the name the URL gave (SNI), not the address dialled.
+    extensions = {"sni_hostname": destination.host} if target.scheme == "https" else {}
+    # A fresh client without keep-alive: a pooled connection is keyed by the address alone and
+    # could carry one name's verified TLS session into another name's request.
+    with (
+        httpx.Client(
+            timeout=timeout, follow_redirects=False, trust_env=False, verify=_tls_context()
+        ) as client,
+        client.stream(
+            "POST",
+            pinned,
+            content=body,
+            headers={**headers, "Host": target.netloc.decode("ascii")},
+            extensions=extensions,
+        ) as response,
+    ):
+        return response.status_code
 
 
 @dataclass
@@ -57,28 +104,41 @@ class Dispatcher:
         self._stop = threading.Event()
         self._free = threading.Semaphore(policy.senders)
         self._queue: queue.SimpleQueue[Row] = queue.SimpleQueue()
+        self.failures = 0  # scheduler passes in a row that failed
+        self._backoff = Backoff()
         # Daemon threads, not a ThreadPoolExecutor: the process must not wait at exit for a
         # receiver that never answers. A request cut off that way keeps its lease in the
         # outbox and is sent again after the restart (receivers drop repeats by event id).
-        self._threads = [
-            threading.Thread(target=self._run, name="webhook-dispatcher", daemon=True),
-            *(
-                threading.Thread(target=self._sender, name=f"webhook-sender-{i}", daemon=True)
-                for i in range(policy.senders)
-            ),
+        # Supervised: a thread that dies of an error is started again after a backoff.
+        self._scheduler = Supervised("webhook-dispatcher", self._run, stop_event=self._stop)
+        self._senders = [
+            Supervised(f"webhook-sender-{i}", self._sender, stop_event=self._stop)
+            for i in range(policy.senders)
         ]
         webhooks.on_enqueued = self.wake
+        self.destinations = webhooks.destinations  # checked again before every send
 
     def start(self) -> None:
-        for thread in self._threads:
-            thread.start()
+        """Start the scheduler and the sender threads."""
+        self._scheduler.start()
+        for sender in self._senders:
+            sender.start()
+
+    def status(self) -> dict:
+        """The scheduler's supervision report (`retrying` while its passes fail), with how
+        many sender threads are up."""
+        out = self._scheduler.status()
+        if out["state"] == "running" and self.failures:
+            out["state"] = "retrying"
+        out["failures"] = self.failures
+        out["senders_running"] = sum(1 for s in self._senders if s.running)
+        return out
 
     def stop(self) -> None:
         """Stop claiming and recording; requests in flight are abandoned, not awaited."""
         self._stop.set()
         self.wake()
-        if self._threads[0].is_alive():
-            self._threads[0].join()
+        self._scheduler.join()
 
     def wake(self) -> None:
         with self._wake:
@@ -89,14 +149,24 @@ class Dispatcher:
         while not self._stop.is_set():
             try:
                 claimed = self._claim_due()
-            except Exception:
-                log.exception("claiming webhook deliveries failed")
-                claimed = []
-            for row in claimed:
-                self._queue.put(row)
+                for row in claimed:
+                    self._queue.put(row)
+                wait = 0.0 if claimed else self._seconds_to_next_due()
+            except Exception as e:
+                # A full disk (or a bug): back off, longer each time, rather than spin.
+                self.failures += 1
+                delay = self._backoff.next()
+                self._scheduler.note_error(describe(e))
+                log_failure("webhook dispatcher: claiming deliveries", e, delay)
+                self._stop.wait(delay)
+                continue
+            if self.failures:
+                log.warning("webhook dispatcher: working again after %d failures", self.failures)
+                self.failures = 0
+                self._backoff.reset()
             with self._wake:
-                if not self._woken and not claimed:
-                    self._wake.wait(self._seconds_to_next_due())
+                if not self._woken and wait > 0:
+                    self._wake.wait(wait)
                 self._woken = False
 
     def _claim_due(self) -> list[Row]:
@@ -105,20 +175,28 @@ class Dispatcher:
         while self._free.acquire(blocking=False):
             now = now_ms()
             lease = now + int((self.policy.timeout_seconds + 5) * 1000)
-            with self.store.write(durable=False) as db:
-                row = db.one(
-                    "UPDATE deliveries SET next_attempt_ms = ? WHERE seq = (SELECT seq FROM"
-                    " deliveries WHERE state = 'pending' AND next_attempt_ms <= ?"
-                    " ORDER BY next_attempt_ms LIMIT 1) RETURNING *",
-                    (lease, now),
-                )
-                if row is not None:
-                    hook = db.one(
-                        "SELECT url, secret FROM webhooks WHERE webhook_id = ?",
-                        (row["webhook_id"],),
+            try:
+                with self.store.write(durable=False) as db:
+                    row = db.one(
+                        "UPDATE deliveries SET next_attempt_ms = ? WHERE seq = (SELECT seq FROM"
+                        " deliveries WHERE state = 'pending' AND next_attempt_ms <= ?"
+                        " ORDER BY next_attempt_ms LIMIT 1) RETURNING *",
+                        (lease, now),
                     )
-                    assert hook is not None
-                    row.update(hook)
+                    if row is not None:
+                        hook = db.one(
+                            "SELECT url, secret FROM webhooks WHERE webhook_id = ?",
+                            (row["webhook_id"],),
+                        )
+                        assert hook is not None
+                        row.update(hook)
+            except Exception:
+                # The sender slot taken for this claim is free again (a full disk must not
+                # use up the senders one failed claim at a time); what was claimed goes out.
+                self._free.release()
+                if claimed:
+                    break
+                raise
             if row is None:
                 self._free.release()
                 break
@@ -149,37 +227,35 @@ class Dispatcher:
 
     def _post(self, row: Row) -> tuple[int | None, str | None, int, int]:
         body = row["body"].encode()
-        request = urllib.request.Request(
-            row["url"],
-            data=body,
-            method="POST",
-            headers={
-                "Content-Type": "application/json",
-                "User-Agent": f"aitbc-node/{__version__}",
-                "AITBC-Event": row["event"],
-                "AITBC-Event-Id": row["event_id"],
-                "AITBC-Signature": sign(row["secret"], int(time.time()), body),
-            },
-        )
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": f"aitbc-node/{__version__}",
+            "AITBC-Event": row["event"],
+            "AITBC-Event-Id": row["event_id"],
+            "AITBC-Signature": sign(row["secret"], int(time.time()), body),
+        }
         started = now_ms()
         clock = time.monotonic()
         status: int | None = None
         error: str | None = None
         try:
-            with urllib.request.urlopen(request, timeout=self.policy.timeout_seconds) as response:
-                status = response.status
-                response.read(65536)
-        except urllib.error.HTTPError as e:
-            status = e.code
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", e)
-            error = f"{type(reason).__name__}: {reason}"
+            destination = self.destinations.check_url(row["url"])
+            assert destination is not None  # resolve=True always gives one
+            status = send(row["url"], destination, body, headers, self.policy.timeout_seconds)
+        except NotAllowed as e:
+            log.warning("webhook %s not sent: %s", row["event_id"], e)
+            error = DESTINATION_NOT_ALLOWED
+        except (httpx.HTTPError, httpx.InvalidURL, OSError, ValueError) as e:
+            # The detail is for the operator's log only (see CONNECTION_FAILED).
+            log.info("webhook %s: %s: %s", row["event_id"], type(e).__name__, e)
+            error = CONNECTION_FAILED
         return status, error, started, int((time.monotonic() - clock) * 1000)
 
     def _record(
         self, row: Row, status: int | None, error: str | None, started: int, duration: int
     ) -> None:
         attempt = row["attempts"] + 1
+        # Only a 2xx delivers: a 3xx is not followed (it could point anywhere), so it fails.
         delivered = status is not None and 200 <= status < 300
         if delivered:
             state, next_ms = "delivered", row["next_attempt_ms"]

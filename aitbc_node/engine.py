@@ -205,6 +205,10 @@ class Engine:
         stops = [*params.get("stop", []), *format_stops]
         seed = params.get("seed")
         self.llm.set_seed(seed if seed is not None else secrets.randbits(32))
+        # Read the whole prompt afresh: reusing the cache of a shared prefix gives slightly
+        # different logits (other batch shapes), so the same seeded request would not always
+        # give the same text.
+        self.llm.reset()
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text = ""
         emitted = 0  # characters of `text` already given to on_text

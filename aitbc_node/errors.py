@@ -67,3 +67,18 @@ class PayloadTooLarge(ApiError):
 class TooManyRequests(ApiError):
     status = 429
     error_code = "RATE_LIMITED"
+
+
+class StorageFull(ApiError):
+    """The node could not write to its store (a full disk, or a write the disk refused).
+
+    Nothing was written; the same request succeeds once space is back, so the answer says
+    when to retry, as a 429 does.
+    """
+
+    status = 507
+    error_code = "STORAGE_FULL"
+    retry_after_seconds = 10
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, headers={"Retry-After": str(self.retry_after_seconds)})

@@ -10,7 +10,7 @@ from aitbc_node.config import Limits
 from aitbc_node.errors import BadRequest, Conflict, NotFound
 from aitbc_node.ledger import format_ait
 from aitbc_node.merkle import merkle_proof
-from aitbc_node.paging import before_cursor, page, parse_limit
+from aitbc_node.paging import before_cursor, page
 from aitbc_node.signing import is_address
 from aitbc_node.store import Row, Store
 
@@ -45,13 +45,12 @@ class Explorer:
         self.seal_interval = seal_interval
 
     def _list(
-        self, sql: str, args: tuple[Any, ...], limit: str | None, cursor: str | None, key: str
+        self, sql: str, args: tuple[Any, ...], limit: int, cursor: str | None, key: str
     ) -> tuple[list[Row], str | None]:
-        n = parse_limit(limit, self.limits)
-        rows = self.store.read().execute(sql, (*args, before_cursor(cursor), n + 1))
-        return page(rows, n, key)
+        rows = self.store.read().execute(sql, (*args, before_cursor(cursor), limit + 1))
+        return page(rows, limit, key)
 
-    def blocks(self, limit: str | None, cursor: str | None) -> dict[str, Any]:
+    def blocks(self, limit: int, cursor: str | None) -> dict[str, Any]:
         rows, next_cursor = self._list(
             "SELECT * FROM blocks WHERE height < ? ORDER BY height DESC LIMIT ?",
             (),
@@ -78,7 +77,7 @@ class Explorer:
             "transactions": [transaction_view(t) for t in txs],
         }
 
-    def transactions(self, limit: str | None, cursor: str | None) -> dict[str, Any]:
+    def transactions(self, limit: int, cursor: str | None) -> dict[str, Any]:
         rows, next_cursor = self._list(
             "SELECT * FROM transactions WHERE seq < ? ORDER BY seq DESC LIMIT ?",
             (),
@@ -88,9 +87,7 @@ class Explorer:
         )
         return {"transactions": [transaction_view(r) for r in rows], "next_cursor": next_cursor}
 
-    def receipts(
-        self, limit: str | None, cursor: str | None, client: str | None = None
-    ) -> dict[str, Any]:
+    def receipts(self, limit: int, cursor: str | None, client: str | None = None) -> dict[str, Any]:
         if client is not None and not is_address(client):
             raise BadRequest("client must be an ait1... address", error_code="INVALID_ADDRESS")
         where, args = ("client_address = ? AND ", (client,)) if client else ("", ())
@@ -148,16 +145,15 @@ class Explorer:
             },
         }
 
-    def address(self, address: str, limit: str | None) -> dict[str, Any]:
+    def address(self, address: str, limit: int) -> dict[str, Any]:
         if not is_address(address):
             raise BadRequest(f"{address!r} is not an ait1... address", error_code="INVALID_ADDRESS")
         db = self.store.read()
         account = db.one("SELECT * FROM accounts WHERE address = ?", (address,))
-        n = parse_limit(limit, self.limits)
         txs = db.execute(
             "SELECT * FROM transactions WHERE from_address = ? OR to_address = ?"
             " ORDER BY seq DESC LIMIT ?",
-            (address, address, n),
+            (address, address, limit),
         )
         held = account["balance"] if account else 0
         return {

@@ -28,8 +28,19 @@ from aitbc_node.errors import (
 from aitbc_node.keys import Principal
 from aitbc_node.ledger import Ledger, balance, client_address, format_ait
 from aitbc_node.miners import Miners
-from aitbc_node.paging import decode_cursor, page, parse_limit
+from aitbc_node.paging import decode_cursor, page
 from aitbc_node.receipts import hash_result
+from aitbc_node.schemas import (
+    CompleteJob,
+    FailJob,
+    JobParams,
+    MinerSignature,
+    ProgressReport,
+    SubmitJob,
+    Usage,
+    fingerprint,
+    to_builtins,
+)
 from aitbc_node.signals import Signals
 from aitbc_node.signing import verify_signature
 from aitbc_node.store import Connection, Row, Store
@@ -39,67 +50,37 @@ if TYPE_CHECKING:
 
 STATUSES = ("pending", "running", "completed", "failed", "cancelled")
 TERMINAL = ("completed", "failed", "cancelled")
-MAX_STOP_SEQUENCES = 4
-MAX_STOP_CHARS = 64
-MAX_SEED = 2**32 - 1
+# Idempotency keys are kept at least this long (the IETF draft and Stripe keep 24 hours).
+IDEMPOTENCY_KEY_MS = 24 * 3600 * 1000
+# A job that breaks the built-in miner this many times (an unexpected error while serving or
+# recording it, or the process dying while it ran) is failed `POISON_JOB`, not claimed again.
+MAX_FAULTS = 2
 
 
 def new_job_id() -> str:
     return f"job-{secrets.token_hex(8)}"
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def validate_params(params: Any, limits: Limits) -> dict[str, Any]:
-    """Check a job's params and return them with defaults filled in; 400 names what is wrong."""
-    if params is None:
-        params = {}
-    if not isinstance(params, dict):
-        raise BadRequest("params must be an object", error_code="INVALID_PARAMS")
-    known = {"max_tokens", "temperature", "top_p", "seed", "stop"}
-    unknown = sorted(set(params) - known)
-    if unknown:
+def job_params(params: JobParams | None, limits: Limits) -> dict[str, Any]:
+    """A job's params as stored, with defaults filled in; 400 past the node's own token bound
+    (the types allow up to the hard ceiling, an operator may set less)."""
+    params = params or JobParams()
+    max_tokens = params.max_tokens
+    if max_tokens is None:  # the default, within what this node allows
+        max_tokens = min(limits.default_max_tokens, limits.max_tokens)
+    if max_tokens > limits.max_tokens:
         raise BadRequest(
-            f"unknown params: {', '.join(unknown)} (known: {', '.join(sorted(known))})",
-            error_code="UNKNOWN_PARAMS",
+            f"params.max_tokens: this node allows at most {limits.max_tokens}",
+            error_code="INVALID_PARAMS",
         )
-    out: dict[str, Any] = {
-        "max_tokens": params.get("max_tokens", limits.default_max_tokens),
-        "temperature": params.get("temperature", 0.7),
-        "top_p": params.get("top_p", 0.95),
-        "seed": params.get("seed"),
-        "stop": params.get("stop", []),
+    stop = [params.stop] if isinstance(params.stop, str) else list(params.stop)
+    return {
+        "max_tokens": max_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "seed": params.seed,
+        "stop": stop,
     }
-    problems = []
-    if not _is_int(out["max_tokens"]) or not 1 <= out["max_tokens"] <= limits.max_tokens:
-        problems.append(f"max_tokens must be an integer from 1 to {limits.max_tokens}")
-    if not _is_number(out["temperature"]) or not 0 <= out["temperature"] <= 2:
-        problems.append("temperature must be a number from 0 to 2")
-    if not _is_number(out["top_p"]) or not 0 < out["top_p"] <= 1:
-        problems.append("top_p must be a number greater than 0 and at most 1")
-    if out["seed"] is not None and (not _is_int(out["seed"]) or not 0 <= out["seed"] <= MAX_SEED):
-        problems.append(f"seed must be an integer from 0 to {MAX_SEED}")
-    stop = out["stop"]
-    if isinstance(stop, str):
-        stop = out["stop"] = [stop]
-    if (
-        not isinstance(stop, list)
-        or len(stop) > MAX_STOP_SEQUENCES
-        or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)
-    ):
-        problems.append(
-            f"stop must be a string or a list of at most {MAX_STOP_SEQUENCES} non-empty strings"
-            f" of at most {MAX_STOP_CHARS} characters"
-        )
-    if problems:
-        raise BadRequest("; ".join(problems), error_code="INVALID_PARAMS")
-    return out
 
 
 def job_view(row: Row) -> dict[str, Any]:
@@ -173,26 +154,42 @@ class Jobs:
             detail += f"; aliases: {', '.join(aliases)}"
         raise BadRequest(detail, error_code="UNKNOWN_MODEL")
 
-    def submit(self, principal: Principal, body: Any) -> dict[str, Any]:
-        """Validate and store a new pending job for `principal`, then wake the miners."""
+    def default_model(self) -> str | None:
+        """The model a job that names none runs on: the built-in miner's first model (which
+        cannot vanish with a remote miner), else the first model some miner serves."""
+        if self.miners.builtin_models:
+            return self.miners.builtin_models[0]
+        served = self.miners.served_models()
+        return served[0] if served else None
+
+    def submit(
+        self, principal: Principal, request: SubmitJob, idempotency_key: str | None = None
+    ) -> tuple[dict[str, Any], bool]:
+        """Store a new pending job for `principal` and wake the miners; returns the job and
+        whether it is new. With an `idempotency_key` the client used before, for the same
+        request, the job that request made comes back instead (409 for another request)."""
         principal.require("client", "admin")
-        if not isinstance(body, dict):
-            raise BadRequest("the body must be a JSON object", error_code="INVALID_BODY")
-        _reject_unknown(body, {"prompt", "model", "params"})
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise BadRequest("prompt must be a non-empty string", error_code="INVALID_PROMPT")
+        prompt = request.prompt
+        if not prompt.strip():
+            raise BadRequest("prompt must not be blank", error_code="INVALID_PROMPT")
         if len(prompt) > self.limits.max_prompt_chars:
             raise BadRequest(
                 f"prompt is {len(prompt)} characters; the limit is {self.limits.max_prompt_chars}",
                 error_code="PROMPT_TOO_LONG",
             )
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise BadRequest("model must be a non-empty string", error_code="INVALID_MODEL")
-        params = validate_params(body.get("params"), self.limits)
+        model = request.model or self.default_model()
+        if model is None:
+            raise BadRequest(
+                "model is required: no miner serves a default model", error_code="INVALID_MODEL"
+            )
+        params = job_params(request.params, self.limits)
         served_model = self.resolve_model(model)
+        now = now_ms()
         with self.store.write() as db:
+            if idempotency_key is not None:
+                earlier = self._idempotent_replay(db, principal, idempotency_key, request)
+                if earlier is not None:
+                    return job_view(earlier), False
             self._check_queue(db, principal.identity)
             if self.rules.require_funds:
                 self._check_funds(db, principal.identity, served_model, params["max_tokens"])
@@ -206,12 +203,43 @@ class Jobs:
                     model,
                     served_model,
                     json.dumps(params),
-                    now_ms(),
+                    now,
                 ),
             )
+            assert row is not None
+            if idempotency_key is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO idempotency_keys"
+                    " (client, idempotency_key, request_hash, job_id, created_ms)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (principal.identity, idempotency_key, fingerprint(request), row["job_id"], now),
+                )
+                db.execute(
+                    "DELETE FROM idempotency_keys WHERE created_ms < ?",
+                    (now - IDEMPOTENCY_KEY_MS,),
+                )
         self.signals.work_available()
-        assert row is not None
-        return job_view(row)
+        return job_view(row), True
+
+    def _idempotent_replay(
+        self, db: Connection, principal: Principal, key: str, request: SubmitJob
+    ) -> Row | None:
+        """The job an earlier submit with this client's `key` made, if it was this same
+        request; 409 `IDEMPOTENCY_KEY_REUSED` if it was another."""
+        earlier = db.one(
+            "SELECT request_hash, job_id FROM idempotency_keys"
+            " WHERE client = ? AND idempotency_key = ? AND created_ms >= ?",
+            (principal.identity, key, now_ms() - IDEMPOTENCY_KEY_MS),
+        )
+        if earlier is None:
+            return None
+        if earlier["request_hash"] != fingerprint(request):
+            raise Conflict(
+                f"Idempotency-Key {key!r} was used for another request (job"
+                f" {earlier['job_id']}); use a new key for a new job",
+                error_code="IDEMPOTENCY_KEY_REUSED",
+            )
+        return db.one("SELECT * FROM jobs WHERE job_id = ?", (earlier["job_id"],))
 
     def _check_queue(self, db: Connection, identity: str) -> None:
         """429 `QUEUE_FULL` when the client's or the node's pending jobs are at their bound."""
@@ -286,15 +314,10 @@ class Jobs:
         self,
         principal: Principal,
         status: str | None,
-        limit_param: str | None,
+        limit: int,
         cursor: str | None,
     ) -> dict[str, Any]:
         """The jobs `principal` may see, newest first, a page at a time."""
-        if status is not None and status not in STATUSES:
-            raise BadRequest(
-                f"status must be one of {', '.join(STATUSES)}", error_code="INVALID_STATUS"
-            )
-        limit = parse_limit(limit_param, self.limits)
         where, args = [], []
         if principal.role == "client":
             where.append("client = ?")
@@ -353,10 +376,8 @@ class Jobs:
         )
         return {"jobs": [job_view(r) for r in rows]}
 
-    def claim(self, principal: Principal, job_id: str, body: Any) -> dict[str, Any]:
-        """Claim `job_id` for the miner in `body`: exactly one of racing claims wins."""
-        miner_id = _miner_id_of(body)
-        _reject_unknown(body, {"miner_id"})
+    def claim(self, principal: Principal, job_id: str, miner_id: str) -> dict[str, Any]:
+        """Claim `job_id` for `miner_id`: exactly one of racing claims wins."""
         miner = self.miners.require_registered(principal, miner_id)
         row = self.claim_as(miner["miner_id"], miner["capabilities"], job_id)
         return job_view(row)
@@ -392,13 +413,9 @@ class Jobs:
         self.signals.job_changed(row["job_id"])
         return row
 
-    def progress(self, principal: Principal, job_id: str, body: Any) -> dict[str, Any]:
+    def progress(self, principal: Principal, job_id: str, report: ProgressReport) -> dict[str, Any]:
         """Text a remote miner has generated so far for a job it holds (for streams)."""
-        miner_id = _miner_id_of(body)
-        _reject_unknown(body, {"miner_id", "text"})
-        text = body.get("text")
-        if not isinstance(text, str) or len(text) > self.limits.max_result_chars:
-            raise BadRequest("text must be a string", error_code="INVALID_TEXT")
+        miner_id, text = report.miner_id, report.text
         self.miners.require_registered(principal, miner_id)
         row = self.store.read().one("SELECT status, miner_id FROM jobs WHERE job_id = ?", (job_id,))
         if row is None or row["status"] != "running" or row["miner_id"] != miner_id:
@@ -423,65 +440,37 @@ class Jobs:
             )
         return [r["job_id"] for r in rows]
 
-    def complete(self, principal: Principal, job_id: str, body: Any) -> dict[str, Any]:
+    def complete(self, principal: Principal, job_id: str, report: CompleteJob) -> dict[str, Any]:
         """Record a remote miner's result."""
-        miner_id = _miner_id_of(body)
-        _reject_unknown(
-            body, {"miner_id", "result", "completed_at", "usage", "model_sha256", "miner_signature"}
-        )
-        model_sha256 = body.get("model_sha256", "unreported")
-        if not isinstance(model_sha256, str) or not 0 < len(model_sha256) <= 128:
-            raise BadRequest(
-                "model_sha256 must be the hex SHA-256 of the model file",
-                error_code="INVALID_MODEL_SHA256",
-            )
-        result = body.get("result")
-        if not isinstance(result, str):
-            raise BadRequest("result must be a string", error_code="INVALID_RESULT")
-        if len(result) > self.limits.max_result_chars:
-            raise BadRequest(
-                f"result is longer than {self.limits.max_result_chars} characters",
-                error_code="RESULT_TOO_LONG",
-            )
-        usage = body.get("usage") or {}
-        if not isinstance(usage, dict) or not all(
-            _is_int(usage.get(k, 0)) and usage.get(k, 0) >= 0
-            for k in ("prompt_tokens", "completion_tokens")
-        ):
-            raise BadRequest(
-                "usage must be an object with non-negative integer prompt_tokens and"
-                " completion_tokens",
-                error_code="INVALID_USAGE",
-            )
-        miner_signature = body.get("miner_signature")
-        # Validate everything before the first write (the miner's last_seen), so a bad
-        # request leaves the store exactly as it was.
+        miner_id, result = report.miner_id, report.result
+        usage = report.usage or Usage()
+        # Check everything before the first write (the miner's last_seen), so a bad request
+        # leaves the store exactly as it was.
         registered = self.store.read().one(
             "SELECT public_key FROM miners WHERE miner_id = ?", (miner_id,)
         )
         if registered is not None:
-            check_miner_signature(registered["public_key"], miner_signature, result)
+            check_miner_signature(registered["public_key"], report.miner_signature, result)
         self.miners.require_registered(principal, miner_id)
         row = self.finish(
             job_id,
             miner_id,
             result=result,
-            prompt_tokens=usage.get("prompt_tokens"),
-            completion_tokens=usage.get("completion_tokens"),
-            model_sha256=model_sha256,
-            miner_signature=miner_signature,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            model_sha256=report.model_sha256,
+            miner_signature=(
+                to_builtins(report.miner_signature) if report.miner_signature else None
+            ),
         )
         return job_view(row)
 
-    def fail(self, principal: Principal, job_id: str, body: Any) -> dict[str, Any]:
+    def fail(self, principal: Principal, job_id: str, report: FailJob) -> dict[str, Any]:
         """Record that a remote miner could not run the job."""
-        miner_id = _miner_id_of(body)
-        _reject_unknown(body, {"miner_id", "error"})
-        error = body.get("error")
-        if not isinstance(error, str) or not error:
-            raise BadRequest("error must be a non-empty string", error_code="INVALID_ERROR")
-        self.miners.require_registered(principal, miner_id)
-        row = self.finish(job_id, miner_id, error=error[:4000], error_code="MINER_ERROR")
+        self.miners.require_registered(principal, report.miner_id)
+        row = self.finish(
+            job_id, report.miner_id, error=report.error[:4000], error_code="MINER_ERROR"
+        )
         return job_view(row)
 
     def finish(
@@ -593,13 +582,100 @@ class Jobs:
         return row["soonest"] if row else None
 
     def requeue_interrupted(self, miner_id: str) -> dict[str, list[str]]:
-        """At start: end the leases of the jobs this node's own miner held when it died."""
+        """At start: end the leases of the jobs this node's own miner held when it died.
+
+        Each counts a fault, as it may be what killed the process: one at its `MAX_FAULTS`th
+        is failed `POISON_JOB` rather than run (and perhaps crash the node) again.
+        """
         with self.store.write() as db:
             db.execute(
-                "UPDATE jobs SET lease_expires_ms = 0 WHERE status = 'running' AND miner_id = ?",
+                "UPDATE jobs SET lease_expires_ms = 0, faults = faults + 1"
+                " WHERE status = 'running' AND miner_id = ?",
                 (miner_id,),
             )
-        return self.expire_leases()
+            poisoned, queued = self._poison(
+                db,
+                "status = 'running' AND miner_id = :miner AND faults >= :max",
+                {"miner": miner_id},
+                "the node's process died while it ran",
+            )
+        self._announce_ended(poisoned, queued)
+        outcome = self.expire_leases()
+        outcome["failed"] += poisoned
+        return outcome
+
+    def record_fault(self, job_id: str, miner_id: str, cause: str) -> str | None:
+        """Count a fault against a job `miner_id` holds (serving or recording it raised), or
+        a pending one that claiming raised on: requeue it for one more try, or fail it
+        `POISON_JOB` at its `MAX_FAULTS`th fault.
+
+        Returns the job's new status, or None when it was neither.
+        """
+        with self.store.write() as db:
+            counted = db.one(
+                "UPDATE jobs SET faults = faults + 1 WHERE job_id = ?"
+                " AND (status = 'running' AND miner_id = ? OR status = 'pending')"
+                " RETURNING faults",
+                (job_id, miner_id),
+            )
+            if counted is None:
+                return None
+            poisoned, queued = self._poison(db, "job_id = :job_id", {"job_id": job_id}, cause)
+            if not poisoned:
+                db.execute(
+                    "UPDATE jobs SET status = 'pending', miner_id = NULL, started_ms = NULL,"
+                    " lease_expires_ms = NULL WHERE job_id = ?",
+                    (job_id,),
+                )
+        if poisoned:
+            self._announce_ended(poisoned, queued)
+            return "failed"
+        self.signals.forget_text(job_id)
+        self.signals.job_changed(job_id)
+        self.signals.work_available()
+        return "pending"
+
+    def oldest_claimable(self, capabilities_json: str) -> str | None:
+        """The id of the job a claim for these models takes next (the one it failed on)."""
+        row = self.store.read().one(
+            "SELECT job_id FROM jobs WHERE status = 'pending' AND served_model IN"
+            " (SELECT value FROM json_each(?)) ORDER BY seq LIMIT 1",
+            (capabilities_json,),
+        )
+        return row["job_id"] if row else None
+
+    def _poison(
+        self, db: Connection, where: str, args: dict[str, Any], cause: str
+    ) -> tuple[list[str], int]:
+        """Fail `POISON_JOB` the jobs matching `where` that reached `MAX_FAULTS`; returns
+        their ids and how many webhook events were queued."""
+        failed = db.execute(
+            "UPDATE jobs SET status = 'failed', error_code = 'POISON_JOB',"
+            " error = 'this job broke the built-in miner ' || faults || ' times; giving up'"
+            " || ' (last: ' || :cause || ')', completed_ms = :now, lease_expires_ms = NULL"
+            f" WHERE {where} AND faults >= :max RETURNING job_id",
+            {**args, "cause": cause[:2000], "now": now_ms(), "max": MAX_FAULTS},
+        )
+        queued = 0
+        for job_id in (r["job_id"] for r in failed):
+            # What broke the miner (text that cannot be read back, say) may break the event
+            # too; the job still ends, without it.
+            db.execute("SAVEPOINT poison_event")
+            try:
+                row = db.one("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
+                assert row is not None
+                queued += self.webhooks.enqueue(db, row)
+            except (ValueError, TypeError, KeyError):
+                db.execute("ROLLBACK TO poison_event")
+            db.execute("RELEASE poison_event")
+        return [r["job_id"] for r in failed], queued
+
+    def _announce_ended(self, job_ids: list[str], queued: int) -> None:
+        """After the commit: wake what waits on these jobs, and the webhook dispatcher."""
+        for job_id in job_ids:
+            self.signals.job_changed(job_id, finished=True)
+        if queued:
+            self.webhooks.wake()
 
     def _explain(self, db: Connection, job_id: str, miner_id: str, *, action: str) -> None:
         """Raise the error that says why `action` on `job_id` changed nothing."""
@@ -661,22 +737,9 @@ class Jobs:
         }
 
 
-def _miner_id_of(body: Any) -> str:
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object", error_code="INVALID_BODY")
-    miner_id = body.get("miner_id")
-    if not isinstance(miner_id, str) or not miner_id:
-        raise BadRequest("miner_id must be a non-empty string", error_code="INVALID_MINER_ID")
-    return miner_id
-
-
-def _reject_unknown(body: dict[str, Any], known: set[str]) -> None:
-    unknown = sorted(set(body) - known)
-    if unknown:
-        raise BadRequest(f"unknown fields: {', '.join(unknown)}", error_code="UNKNOWN_FIELDS")
-
-
-def check_miner_signature(registered_key: str | None, signature: Any, result: str) -> None:
+def check_miner_signature(
+    registered_key: str | None, signature: MinerSignature | None, result: str
+) -> None:
     """A miner that registered a key must co-sign its result: `{alg, public_key, value}` over
     the result's SHA-256 (hex, ASCII), with exactly the registered key."""
     if registered_key is None:
@@ -686,19 +749,19 @@ def check_miner_signature(registered_key: str | None, signature: Any, result: st
                 error_code="INVALID_MINER_SIGNATURE",
             )
         return
-    if not isinstance(signature, dict) or set(signature) != {"alg", "public_key", "value"}:
+    if signature is None:
         raise BadRequest(
             "this miner registered a public key: miner_signature"
             ' {"alg": "ed25519", "public_key", "value"} is required',
             error_code="MINER_SIGNATURE_REQUIRED",
         )
-    if signature["public_key"] != registered_key or signature["alg"] != "ed25519":
+    if signature.public_key != registered_key:
         raise BadRequest(
             "miner_signature names a key other than the one this miner registered",
             error_code="INVALID_MINER_SIGNATURE",
         )
     message = hash_result(result).encode("ascii")
-    if not verify_signature(registered_key, message, str(signature["value"])):
+    if not verify_signature(registered_key, message, signature.value):
         raise BadRequest(
             "miner_signature does not verify over the result's SHA-256",
             error_code="INVALID_MINER_SIGNATURE",

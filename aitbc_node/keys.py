@@ -17,7 +17,7 @@ from pathlib import Path
 from aitbc_node.clock import now_ms, rfc3339
 from aitbc_node.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
 from aitbc_node.ledger import DEFAULT_GRANT, record_grant
-from aitbc_node.store import Row, Store
+from aitbc_node.store import Connection, Row, Store
 
 ROLES = ("client", "miner", "admin")
 CREDENTIALS_FILE = "credentials.json"
@@ -53,8 +53,10 @@ def create_key(
 ) -> tuple[str, Row]:
     """Make a key acting as identity `name` and return (plaintext, row).
 
-    A client key comes with a grant of `credit` nAIT to its identity's address, written in the
-    same transaction as the key.
+    An identity has one role: a name that any key of another role acts as (revoked or not) is
+    refused with 409 `IDENTITY_ROLE_CONFLICT`, since a client named `admin` would otherwise
+    share the admin's jobs, webhooks and address. A client key comes with a grant of `credit`
+    nAIT to its identity's address, written in the same transaction as the key.
     """
     if role not in ROLES:
         raise BadRequest(f"role must be one of {', '.join(ROLES)}", error_code="INVALID_ROLE")
@@ -78,6 +80,15 @@ def create_key(
             (name, role),
         ):
             raise Conflict(f"an active {role} key named {name!r} exists", error_code="KEY_EXISTS")
+        taken = db.one(
+            "SELECT role FROM api_keys WHERE identity = ? AND role != ? LIMIT 1", (identity, role)
+        )
+        if taken:
+            raise Conflict(
+                f"the name {name!r} is already the identity of a {taken['role']} key; an "
+                f"identity has one role, so pick another name for this {role} key",
+                error_code="IDENTITY_ROLE_CONFLICT",
+            )
         db.execute(
             "INSERT INTO api_keys (key_id, key_hash, name, role, identity, created_ms)"
             " VALUES (:key_id, :key_hash, :name, :role, :identity, :created_ms)",
@@ -86,6 +97,22 @@ def create_key(
         if role == "client" and credit > 0:
             record_grant(db, identity, credit)
     return key, row
+
+
+def identity_role_conflicts(db: Connection) -> list[str]:
+    """Identities that live keys of more than one role act as, one line each: a store made
+    before the one-role rule may hold them. Revoking the keys of all roles but one ends it."""
+    rows = db.execute(
+        "SELECT identity, group_concat(DISTINCT role) AS roles FROM api_keys"
+        " WHERE revoked_ms IS NULL"
+        " GROUP BY identity HAVING count(DISTINCT role) > 1 ORDER BY identity"
+    )
+    return [
+        f"identity {r['identity']!r} has live keys of several roles ({r['roles']}), which"
+        " act as one another; revoke those of all roles but one (`aitbc-node keys revoke`)"
+        " and make them anew under other names"
+        for r in rows
+    ]
 
 
 def authenticate(store: Store, key: str | None) -> Principal:

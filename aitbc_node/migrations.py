@@ -9,12 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-
-import sqlite_utils
+from typing import TYPE_CHECKING
 
 from aitbc_node.clock import now_ms
 
-Migration = Callable[[sqlite_utils.Database], None]
+if TYPE_CHECKING:
+    # Imported where the migrations run (`apply`), not with this module: sqlite-utils imports
+    # numpy when it is installed, and numpy must not load before llama.cpp's libraries (see
+    # `cli.load_engine_first`).
+    import sqlite_utils
+
+Migration = Callable[["sqlite_utils.Database"], None]
 MIGRATIONS: list[Migration] = []
 
 
@@ -201,8 +206,37 @@ def m004_miner_keys(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE miners ADD COLUMN public_key TEXT")
 
 
+@migration
+def m005_idempotency_keys(db: sqlite_utils.Database) -> None:
+    # `Idempotency-Key` on submit: a client's key maps to the job its first request made and
+    # the hash of that request's body, so a retried POST returns that job, not a second one.
+    db.execute(
+        """
+        CREATE TABLE idempotency_keys (
+            client TEXT NOT NULL,
+            idempotency_key TEXT NOT NULL,
+            request_hash TEXT NOT NULL,
+            job_id TEXT NOT NULL,
+            created_ms INTEGER NOT NULL,
+            PRIMARY KEY (client, idempotency_key)
+        )
+        """
+    )
+    db.execute("CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_ms)")
+
+
+@migration
+def m006_job_faults(db: sqlite_utils.Database) -> None:
+    # How often a job broke the built-in miner (an unexpected error while serving or
+    # recording it, or the process dying while it ran): the second time it is failed
+    # `POISON_JOB` instead of being claimed again.
+    db.execute("ALTER TABLE jobs ADD COLUMN faults INTEGER NOT NULL DEFAULT 0")
+
+
 def apply(path: Path) -> list[str]:
     """Bring the database at `path` up to the newest schema; return the migrations that ran."""
+    import sqlite_utils
+
     db = sqlite_utils.Database(path)
     try:
         db.execute("PRAGMA journal_mode=WAL")

@@ -9,10 +9,8 @@ from aitbc_node.clock import now_ms, rfc3339
 from aitbc_node.config import JobRules
 from aitbc_node.errors import BadRequest, Forbidden, NotFound
 from aitbc_node.keys import Principal
+from aitbc_node.schemas import RegisterMiner
 from aitbc_node.store import Row, Store
-
-MAX_CAPABILITIES = 64
-MAX_NAME_CHARS = 128
 
 
 class Miners:
@@ -26,48 +24,20 @@ class Miners:
         self.builtin_id: str | None = None
         self.builtin_models: list[str] = []
 
-    def register(self, principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
+    def register(self, principal: Principal, request: RegisterMiner) -> dict[str, Any]:
         """Register (or re-register) the miner bound to `principal`'s key."""
         principal.require("miner")
-        miner_id = body.get("miner_id")
-        if not isinstance(miner_id, str) or not miner_id:
-            raise BadRequest("miner_id must be a non-empty string", error_code="INVALID_MINER_ID")
-        if miner_id != principal.identity:
+        if request.miner_id != principal.identity:
             raise Forbidden(
-                f"this key acts as miner {principal.identity!r}, not {miner_id!r}",
+                f"this key acts as miner {principal.identity!r}, not {request.miner_id!r}",
                 error_code="MINER_ID_MISMATCH",
             )
-        capabilities = body.get("capabilities")
-        if (
-            not isinstance(capabilities, list)
-            or not capabilities
-            or len(capabilities) > MAX_CAPABILITIES
-            or not all(isinstance(c, str) and 0 < len(c) <= MAX_NAME_CHARS for c in capabilities)
-        ):
-            raise BadRequest(
-                f"capabilities must be a list of 1 to {MAX_CAPABILITIES} model names",
-                error_code="INVALID_CAPABILITIES",
-            )
-        gpu_info = body.get("gpu_info", {})
-        if not isinstance(gpu_info, dict):
-            raise BadRequest("gpu_info must be an object", error_code="INVALID_GPU_INFO")
-        public_key = body.get("public_key")
-        if public_key is not None and not (
-            isinstance(public_key, str) and len(public_key) == 64 and _is_hex(public_key)
-        ):
-            raise BadRequest(
-                "public_key must be the miner's Ed25519 public key, 64 hex characters",
-                error_code="INVALID_PUBLIC_KEY",
-            )
-        unknown = sorted(set(body) - {"miner_id", "capabilities", "gpu_info", "public_key"})
-        if unknown:
-            raise BadRequest(f"unknown fields: {', '.join(unknown)}", error_code="UNKNOWN_FIELDS")
         row = self.upsert(
-            miner_id,
-            list(dict.fromkeys(capabilities)),
-            gpu_info,
+            request.miner_id,
+            list(dict.fromkeys(request.capabilities)),
+            request.gpu_info,
             builtin=False,
-            public_key=public_key.lower() if public_key else None,
+            public_key=request.public_key.lower() if request.public_key else None,
         )
         return self.view(row)
 
@@ -173,11 +143,3 @@ class Miners:
             "registered_at": rfc3339(row["registered_ms"]),
             "last_seen_at": rfc3339(row["last_seen_ms"]),
         }
-
-
-def _is_hex(text: str) -> bool:
-    try:
-        bytes.fromhex(text)
-    except ValueError:
-        return False
-    return True

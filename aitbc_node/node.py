@@ -16,6 +16,7 @@ from typing import Any
 from aitbc_node import __version__, keys
 from aitbc_node.config import DEFAULT_HOST, DEFAULT_PORT, JobRules, Limits
 from aitbc_node.delivery import Dispatcher, RetryPolicy
+from aitbc_node.destinations import DestinationPolicy
 from aitbc_node.explorer import Explorer
 from aitbc_node.jobs import Jobs
 from aitbc_node.leases import LeaseReaper
@@ -59,6 +60,8 @@ class NodeSettings:
     block_max_items: int = 500
     rates: dict[str, Rate | None] = field(default_factory=lambda: dict(DEFAULT_RATES))
     webhook_retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # `--webhook-allow` values: networks and host names webhooks may reach beyond public ones.
+    webhook_allow: list[str] = field(default_factory=list)
     cors_origins: list[str] = field(default_factory=list)
     # FULL: a commit survives a power cut, not only a crash (~0.3 ms more per write here).
     synchronous: str = "FULL"
@@ -79,7 +82,9 @@ class Node:
         self.miners = Miners(self.store, settings.rules)
         self.ledger = Ledger(self.store, self.key, settings.pricing)
         self.ledger.ensure_genesis()
-        self.webhooks = Webhooks(self.store, settings.limits)
+        self.webhooks = Webhooks(
+            self.store, settings.limits, DestinationPolicy(settings.webhook_allow)
+        )
         self.jobs = Jobs(
             self.store,
             self.miners,
@@ -101,13 +106,30 @@ class Node:
 
     def start(self) -> None:
         """Requeue what a crash interrupted, load the models, start the miner and the reaper."""
-        outcome = self.jobs.requeue_interrupted(keys.BUILTIN_MINER_ID)
-        if outcome["requeued"] or outcome["failed"]:
-            log.warning(
-                "built-in miner's interrupted jobs: %d requeued, %d failed",
-                len(outcome["requeued"]),
-                len(outcome["failed"]),
+        # requeue_interrupted also expires remote miners' leases that ran out while the node
+        # was down: tell those apart from the built-in miner's own interrupted jobs.
+        own = {
+            r["job_id"]
+            for r in self.store.read().execute(
+                "SELECT job_id FROM jobs WHERE status = 'running' AND miner_id = ?",
+                (keys.BUILTIN_MINER_ID,),
             )
+        }
+        outcome = self.jobs.requeue_interrupted(keys.BUILTIN_MINER_ID)
+        for what, mine, level in (
+            ("built-in miner's interrupted jobs", True, logging.WARNING),
+            (
+                "remote miners' jobs whose lease ran out while the node was down",
+                False,
+                logging.INFO,
+            ),
+        ):
+            requeued = [j for j in outcome["requeued"] if (j in own) == mine]
+            failed = [j for j in outcome["failed"] if (j in own) == mine]
+            if requeued or failed:
+                log.log(level, "%s: %d requeued, %d failed", what, len(requeued), len(failed))
+        for problem in keys.identity_role_conflicts(self.store.read()):
+            log.warning("%s", problem)
         if self.settings.run_miner and self.settings.models:
             self.miner = self._start_miner()
         self.reaper.start()
@@ -162,7 +184,13 @@ class Node:
     def health(self) -> dict[str, Any]:
         """What `GET /api/health` shows."""
         miner: dict[str, Any] = {"state": "disabled"}
+        loops = {
+            "lease_reaper": self.reaper.status(),
+            "block_sealer": self.sealer.status(),
+            "webhook_dispatcher": self.dispatcher.status(),
+        }
         if self.miner is not None:
+            loops["miner"] = self.miner.status()
             miner = {
                 "state": self.miner.state,
                 "miner_id": self.miner.miner_id,
@@ -170,17 +198,21 @@ class Node:
                 "current_job": self.miner.current_job,
                 "gpu_info": self.miner.gpu_info,
             }
+            if miner["state"] == "stopped":
+                miner["reason"] = loops["miner"].get("reason")
         served = self.miners.served_models()
-        own = [m.name for m in self.settings.models] if self.miner is not None else []
         return {
             "status": "ok",
             "version": __version__,
             "models": served,
             # What clients use when they name no model: this node's own first model, which
             # cannot vanish with a remote miner.
-            "default_model": own[0] if own else (served[0] if served else None),
+            "default_model": self.jobs.default_model(),
             "aliases": dict(self.settings.rules.aliases),
             "miner": miner,
+            # Each background loop: running, retrying (its last pass failed) or stopped (its
+            # thread died and is restarted after a backoff), with its last error.
+            "loops": loops,
             "node": self.identity(),
         }
 

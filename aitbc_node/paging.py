@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 
-from aitbc_node.config import Limits
 from aitbc_node.errors import BadRequest
 from aitbc_node.store import Row
+
+# Sequence numbers are SQLite integers; a cursor past the largest is not one the node made.
+MAX_SEQ = 2**63 - 1
 
 
 def encode_cursor(seq: int) -> str:
@@ -18,29 +20,17 @@ def decode_cursor(cursor: str) -> int:
     """The sequence number inside a cursor; 400 for one this node did not make."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if not raw.startswith("s"):
+        digits = raw[1:]
+        if not raw.startswith("s") or not (digits.isascii() and digits.isdigit()):
             raise ValueError(raw)
-        return int(raw[1:])
+        seq = int(digits)
+        if seq > MAX_SEQ:
+            raise ValueError(raw)
+        return seq
     except ValueError:
         raise BadRequest(
             "cursor is not one this node gave out", error_code="INVALID_CURSOR"
         ) from None
-
-
-def parse_limit(raw: str | None, limits: Limits) -> int:
-    """A list's `limit` query parameter: an integer from 1 to the bound, with a default."""
-    if raw is None or raw == "":
-        return limits.default_list_limit
-    try:
-        limit = int(raw)
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= limits.max_list_limit:
-        raise BadRequest(
-            f"limit must be an integer from 1 to {limits.max_list_limit}",
-            error_code="INVALID_LIMIT",
-        )
-    return limit
 
 
 def page(rows: list[Row], limit: int, key: str = "seq") -> tuple[list[Row], str | None]:
@@ -51,4 +41,4 @@ def page(rows: list[Row], limit: int, key: str = "seq") -> tuple[list[Row], str 
 
 def before_cursor(cursor: str | None) -> int:
     """The sequence number a page starts below (everything, without a cursor)."""
-    return decode_cursor(cursor) if cursor else 2**63 - 1
+    return decode_cursor(cursor) if cursor else MAX_SEQ

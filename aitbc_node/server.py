@@ -5,21 +5,36 @@ SIGINT and SIGTERM make uvicorn finish in-flight requests; then the node stops i
 job in hand goes back to the queue) and closes the store, and the process exits 0. The signal
 handlers are ours rather than uvicorn's: uvicorn re-raises the signal after its shutdown, which
 would kill the process before the node's own shutdown ran.
+
+Slow or idle clients cannot hold the node (`GuardedH11Protocol`): a connection must send its
+request head within `--header-timeout` seconds, an idle kept-alive one is closed after
+`--keep-alive-timeout`, and past `--max-connections` open connections a new one is answered
+503 `TOO_MANY_CONNECTIONS` and closed. The open-file limit is raised to its hard limit at start,
+and the connection bound kept below it, so a flood of sockets never starves the store of files.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import logging
+import resource
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from aitbc_node.api import create_app
+from aitbc_node.config import ConnectionLimits
 from aitbc_node.node import Node, NodeSettings
+from aitbc_node.requestlog import RequestLog
 
 log = logging.getLogger("aitbc_node.server")
 
@@ -53,12 +68,180 @@ class _Server(uvicorn.Server):
         yield
 
 
-def run(settings: NodeSettings, sock: socket.socket, on_ready: Callable[[Node], None]) -> None:
+# Files the node needs besides its connections: the store's connections (three files each,
+# one per thread), the model files, the log, the lock.
+FD_RESERVE = 256
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's open-file soft limit to the hard limit; return the limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _raw_response(status: int, reason: str, error_code: str, detail: str, **headers: str) -> bytes:
+    """A complete HTTP/1.1 response in the API's error shape, closing the connection; for
+    answers written before (or without) h11 parsing a request."""
+    body = json.dumps({"detail": detail, "error_code": error_code}).encode()
+    lines = [
+        f"HTTP/1.1 {status} {reason}",
+        "content-type: application/json",
+        f"content-length: {len(body)}",
+        "connection: close",
+        *(f"{name.replace('_', '-')}: {value}" for name, value in headers.items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a request-head timeout and a bound on open connections.
+
+    uvicorn arms its keep-alive timer only after a response, so on its own a connection that
+    never finishes its first request head (slowloris), or never sends anything, stays open
+    for ever. Here a timer runs from the moment a request head is awaited (on connect, and on
+    the first byte of each later request) until h11 has the whole head; when it fires the
+    connection is closed (with a 408 when part of a head came). A connection beyond
+    `max_connections` is answered 503 `TOO_MANY_CONNECTIONS` and closed.
+    """
+
+    header_timeout: ClassVar[float] = ConnectionLimits.header_timeout
+    max_connections: ClassVar[int] = ConnectionLimits.max_connections
+    LINGER_SECONDS: ClassVar[float] = 1.0
+    _last_refusal_warning: ClassVar[float] = 0.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0
+        self._refused = False
+
+    @classmethod
+    def with_limits(cls, limits: ConnectionLimits, max_connections: int) -> type[H11Protocol]:
+        """This protocol with `limits` (uvicorn builds one instance per connection)."""
+        attrs = {"header_timeout": limits.header_timeout, "max_connections": max_connections}
+        return type(cls.__name__, (cls,), attrs)
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            self._refused = True
+            now = time.monotonic()
+            if now - GuardedH11Protocol._last_refusal_warning > 10:
+                GuardedH11Protocol._last_refusal_warning = now
+                log.warning(
+                    "refusing connections: %d open, the bound is %d (--max-connections)",
+                    len(self.connections) - 1,
+                    self.max_connections,
+                )
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            self._refuse()
+            return
+        if self._awaiting_head():
+            if self._head_timer is None:
+                self._head_bytes = 0
+                self._arm_head_timer()
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if not self._awaiting_head():
+            self._disarm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request h11 cannot parse (or a head over 16 KiB), in the
+        API's error shape rather than plain text."""
+        body = json.dumps(
+            {
+                "detail": f"{msg.rstrip('.')}: not a valid HTTP/1.1 request head",
+                "error_code": "INVALID_REQUEST",
+            }
+        ).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        event = h11.Response(status_code=400, headers=headers, reason=b"Bad Request")
+        for part in (event, h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(part) or b"")
+        self.transport.close()
+
+    def _awaiting_head(self) -> bool:
+        return self.conn.their_state is h11.IDLE
+
+    def _arm_head_timer(self) -> None:
+        self._disarm_head_timer()
+        self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing() or not (self._refused or self._awaiting_head()):
+            return
+        if self._head_bytes and not self._refused:
+            self.transport.write(_TIMED_OUT)
+        self.transport.close()
+
+    def _refuse(self) -> None:
+        """Answer 503 once, then read and drop what the client still sends for a moment:
+        closing with unread data would reset the connection and lose the answer."""
+        if self._head_bytes:
+            return
+        self._head_bytes = 1
+        self.transport.write(_TOO_MANY)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._disarm_head_timer()
+        self._head_timer = self.loop.call_later(self.LINGER_SECONDS, self.transport.close)
+
+
+_TIMED_OUT = _raw_response(
+    408,
+    "Request Timeout",
+    "REQUEST_TIMEOUT",
+    "the request head did not arrive in time (--header-timeout)",
+)
+_TOO_MANY = _raw_response(
+    503,
+    "Service Unavailable",
+    "TOO_MANY_CONNECTIONS",
+    "the node has too many open connections; try again shortly",
+    retry_after="1",
+)
+
+
+def run(
+    settings: NodeSettings,
+    sock: socket.socket,
+    on_ready: Callable[[Node], None],
+    limits: ConnectionLimits | None = None,
+) -> None:
     """Open a node with `settings`, serve it on `sock` until SIGINT or SIGTERM, stop it cleanly.
 
     The handlers go in before the node opens, so a signal that arrives while the store opens
     or the models load still ends in the same clean shutdown.
     """
+    limits = limits or ConnectionLimits()
+    max_connections = min(limits.max_connections, max(raise_fd_limit() - FD_RESERVE, 1))
+    if max_connections < limits.max_connections:
+        log.warning(
+            "the open-file limit allows %d connections, not --max-connections %d",
+            max_connections,
+            limits.max_connections,
+        )
     exit_requested: list[int] = []
     server: _Server | None = None
     node: Node | None = None
@@ -77,8 +260,12 @@ def run(settings: NodeSettings, sock: socket.socket, on_ready: Callable[[Node], 
     try:
         node.start()
         config = uvicorn.Config(
-            create_app(node),
-            log_level="warning",
+            RequestLog(create_app(node)),
+            http=GuardedH11Protocol.with_limits(limits, max_connections),
+            timeout_keep_alive=limits.keep_alive_timeout,
+            # Logging is set up once, by `logs.setup`: uvicorn's records go through it.
+            log_config=None,
+            log_level=None,
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=10,

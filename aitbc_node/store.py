@@ -12,6 +12,8 @@ but the one that writes.
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -21,9 +23,23 @@ from typing import Any
 import apsw
 
 from aitbc_node import migrations
+from aitbc_node.errors import StorageFull
+
+log = logging.getLogger("aitbc_node.store")
 
 BUSY_TIMEOUT_MS = 10_000
 Row = dict[str, Any]
+# What a write gets from a full (or failing) disk: SQLITE_FULL, and SQLITE_IOERR, which is
+# what SQLite reports when growing the WAL or its index fails for want of space.
+STORAGE_ERRORS = (apsw.FullError, apsw.IOError)
+
+
+def storage_full(exc: BaseException) -> StorageFull:
+    """The API error for a write the disk refused."""
+    return StorageFull(
+        f"the node's disk refused a write ({exc}); nothing was written. Retry once space"
+        " is freed on the node"
+    )
 
 
 def _dict_rows(cursor: apsw.Cursor, row: tuple[Any, ...]) -> Row:
@@ -57,13 +73,28 @@ class Store:
     def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        migrations.apply(self.path)
+        try:
+            migrations.apply(self.path)
+        except sqlite3.OperationalError as e:
+            if "full" in str(e) or "disk I/O" in str(e):
+                raise storage_full(e) from e
+            raise
         self._synchronous = synchronous
         self._write_lock = threading.Lock()
         self._writer = self._open()
+        self._make_private()
         self._local = threading.local()
         self._readers: list[apsw.Connection] = []
         self._readers_lock = threading.Lock()
+
+    def _make_private(self) -> None:
+        """Mode 0600 for the database and its -wal and -shm files (they hold prompts and
+        webhook secrets), whatever made them; SQLite gives later -wal and -shm files the
+        database file's mode."""
+        for suffix in ("", "-wal", "-shm"):
+            # Missing, or not ours (a `verify` of another user's copy): leave it as it is.
+            with suppress(OSError):
+                Path(f"{self.path}{suffix}").chmod(0o600)
 
     def _open(self) -> apsw.Connection:
         conn = apsw.Connection(str(self.path))
@@ -81,22 +112,63 @@ class Store:
         `durable=False` is for writes whose loss in a power cut costs nothing (a claim or a
         lease renewal: the job just goes back to pending): they skip the fsync even when
         the store syncs every commit. A later durable commit syncs them too.
+
+        A write the disk refuses (full, or failing) raises `StorageFull` with nothing
+        written, and leaves the writer ready for the next write once space is back.
         """
         light = not durable and self._synchronous == "FULL"
         with self._write_lock:
-            if light:
-                self._writer.execute("PRAGMA synchronous=NORMAL")
             try:
-                self._writer.execute("BEGIN IMMEDIATE")
-                try:
-                    yield Connection(self._writer)
-                except BaseException:
-                    self._writer.execute("ROLLBACK")
-                    raise
-                self._writer.execute("COMMIT")
-            finally:
                 if light:
-                    self._writer.execute(f"PRAGMA synchronous={self._synchronous}")
+                    self._writer.execute("PRAGMA synchronous=NORMAL")
+                try:
+                    self._writer.execute("BEGIN IMMEDIATE")
+                    try:
+                        yield Connection(self._writer)
+                    except BaseException:
+                        self._rollback()
+                        raise
+                    try:
+                        self._writer.execute("COMMIT")
+                    except BaseException:
+                        self._rollback()
+                        raise
+                finally:
+                    if light:
+                        self._writer.execute(f"PRAGMA synchronous={self._synchronous}")
+            except STORAGE_ERRORS as e:
+                self._recover_writer()
+                raise storage_full(e) from e
+
+    def _rollback(self) -> None:
+        """End the open transaction, if SQLite has not already ended it: after SQLITE_FULL
+        or SQLITE_IOERR it may have rolled back by itself, and a second ROLLBACK would hide
+        the error that matters."""
+        if self._writer.get_autocommit():
+            return
+        try:
+            self._writer.execute("ROLLBACK")
+        except apsw.Error:
+            log.warning("rolling back a failed write failed", exc_info=True)
+
+    def _recover_writer(self) -> None:
+        """After a refused write: make sure the writer holds no transaction, and reopen it
+        if it cannot give one up, so the next write starts clean."""
+        if self._writer.get_autocommit():
+            return
+        with suppress(apsw.Error):
+            self._writer.execute("ROLLBACK")
+        if self._writer.get_autocommit():
+            return
+        log.warning("the store's writer is stuck in a failed transaction; reopening it")
+        try:
+            fresh = self._open()
+        except apsw.Error:
+            log.warning("reopening the store's writer failed; the next write tries again")
+            return
+        with suppress(apsw.Error):
+            self._writer.close(force=True)
+        self._writer = fresh
 
     def read(self) -> Connection:
         """This thread's read connection (opened on first use)."""
@@ -116,7 +188,8 @@ class Store:
     def close(self) -> None:
         """Checkpoint and close every connection this store opened."""
         with self._write_lock:
-            with suppress(apsw.BusyError):
+            # On a full disk the checkpoint may not fit; the WAL keeps the data all the same.
+            with suppress(apsw.BusyError, *STORAGE_ERRORS):
                 self._writer.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
             with self._readers_lock:
                 for conn in self._readers:

@@ -22,10 +22,12 @@ from urllib.parse import urlsplit
 
 from aitbc_node.clock import now_ms, rfc3339
 from aitbc_node.config import Limits
+from aitbc_node.destinations import DestinationPolicy, NotAllowed
 from aitbc_node.errors import BadRequest, Conflict, Forbidden, NotFound
 from aitbc_node.jobs import job_view
 from aitbc_node.keys import Principal
-from aitbc_node.paging import before_cursor, page, parse_limit
+from aitbc_node.paging import before_cursor, page
+from aitbc_node.schemas import CreateWebhook
 from aitbc_node.store import Connection, Row, Store
 
 EVENTS = ("job.completed", "job.failed", "job.cancelled")
@@ -54,8 +56,8 @@ def check_signature(secret: str, header: str, body: bytes) -> bool:
     return hmac.compare_digest(expected, header)
 
 
-def validate_url(url: Any) -> str:
-    """An http or https URL with a host; 400 otherwise."""
+def validate_url(url: Any, destinations: DestinationPolicy) -> str:
+    """An http or https URL with a host that `destinations` allows; 400 otherwise."""
     if not isinstance(url, str) or not url or len(url) > MAX_URL_CHARS:
         raise BadRequest("url must be an http or https URL", error_code="INVALID_URL")
     try:
@@ -67,6 +69,11 @@ def validate_url(url: Any) -> str:
         raise BadRequest(
             "url must be an http:// or https:// URL with a host", error_code="INVALID_URL"
         )
+    try:
+        # A name the operator allowed is taken unresolved; the dispatcher resolves it per send.
+        destinations.check_url(url, resolve=False)
+    except NotAllowed as e:
+        raise BadRequest(str(e), error_code="WEBHOOK_URL_NOT_ALLOWED") from None
     return url
 
 
@@ -82,27 +89,20 @@ def _webhook_view(row: Row) -> dict[str, Any]:
 class Webhooks:
     """Registration, the outbox, and the delivery log."""
 
-    def __init__(self, store: Store, limits: Limits) -> None:
+    def __init__(
+        self, store: Store, limits: Limits, destinations: DestinationPolicy | None = None
+    ) -> None:
         self.store = store
         self.limits = limits
+        # Where webhooks may point: checked at registration here, again by the dispatcher.
+        self.destinations = destinations or DestinationPolicy()
         self.on_enqueued: Any = None  # set by the dispatcher: wakes it after a commit
 
-    def create(self, principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
+    def create(self, principal: Principal, request: CreateWebhook) -> dict[str, Any]:
+        """Register a webhook for `principal`; the answer holds its secret, shown this once."""
         principal.require("client", "admin")
-        unknown = sorted(set(body) - {"url", "events"})
-        if unknown:
-            raise BadRequest(f"unknown fields: {', '.join(unknown)}", error_code="UNKNOWN_FIELDS")
-        url = validate_url(body.get("url"))
-        events = body.get("events", ["job.completed", "job.failed"])
-        if (
-            not isinstance(events, list)
-            or not events
-            or not all(isinstance(e, str) and e in EVENTS for e in events)
-        ):
-            raise BadRequest(
-                f"events must be a non-empty list of {', '.join(EVENTS)}",
-                error_code="INVALID_EVENTS",
-            )
+        url = validate_url(request.url, self.destinations)
+        events = request.events
         row = {
             "webhook_id": f"wh-{secrets.token_hex(8)}",
             "client": principal.identity,
@@ -162,17 +162,16 @@ class Webhooks:
         return {"webhook_id": webhook_id, "deleted": True}
 
     def deliveries(
-        self, principal: Principal, webhook_id: str, limit: str | None, cursor: str | None
+        self, principal: Principal, webhook_id: str, limit: int, cursor: str | None
     ) -> dict[str, Any]:
         """A webhook's events, newest first, each with every attempt made to deliver it."""
         db = self.store.read()
         self._owned(db, principal, webhook_id)
-        n = parse_limit(limit, self.limits)
         rows = db.execute(
             "SELECT * FROM deliveries WHERE webhook_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
-            (webhook_id, before_cursor(cursor), n + 1),
+            (webhook_id, before_cursor(cursor), limit + 1),
         )
-        items, next_cursor = page(rows, n)
+        items, next_cursor = page(rows, limit)
         out = []
         for row in items:
             attempts = db.execute(

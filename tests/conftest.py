@@ -25,6 +25,17 @@ from aitbc_node.models import EMBEDDED_NAME
 SMOL = EMBEDDED_NAME
 ROOT = Path(__file__).resolve().parent.parent
 
+# A generation that is long by its token count, not by the machine's speed: given this prompt,
+# the greedy embedded model keeps listing numbers until max_tokens runs out (checked to 2000
+# tokens; "Count from 1 to 10000, one number per line:" stops by itself at 20). Tests that
+# interrupt a generation use all of it; those that wait for the end ask for fewer tokens.
+LONG_PROMPT = "List the numbers from 1 to 1000 separated by commas: 1, 2, 3,"
+LONG_TOKENS = 2000
+LONG_PARAMS = {"max_tokens": LONG_TOKENS, "temperature": 0, "seed": 7}
+# How long a test waits for an event that needs the model to generate: an upper bound for a
+# slow or busy machine, never a budget that a test asserts.
+GENERATION_WAIT = 300
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -32,7 +43,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
+def stop_process(proc: subprocess.Popen, timeout: float = 120) -> None:
     """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -49,7 +60,7 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "aitbc_node", *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,  # a bound, not a budget: a loaded box starts Python slowly
         cwd=ROOT,
     )
     if check and proc.returncode != 0:
@@ -66,10 +77,11 @@ class NodeProcess:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         self.proc: subprocess.Popen[str] | None = None
-        self.http = httpx.Client(timeout=30)
+        # Above the 30 s long polls of `wait_for`, with room for a loaded machine.
+        self.http = httpx.Client(timeout=120)
         self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
 
-    def start(self, timeout: float = 60) -> NodeProcess:
+    def start(self, timeout: float = 300) -> NodeProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "a")  # noqa: SIM115 - the server process owns it
         self.proc = subprocess.Popen(
@@ -118,9 +130,9 @@ class NodeProcess:
         """SIGKILL: the process dies with no chance to clean up."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
+        self.proc.wait(60)
 
-    def terminate(self, timeout: float = 30) -> int:
+    def terminate(self, timeout: float = 120) -> int:
         """SIGTERM and wait for the exit code."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
@@ -155,7 +167,7 @@ class NodeProcess:
         self,
         job_id: str,
         statuses: tuple[str, ...],
-        timeout: float = 60,
+        timeout: float = 300,
         key: str | None = None,
         poll: float = 0.05,
     ) -> dict:
@@ -177,6 +189,29 @@ class NodeProcess:
                 raise AssertionError(f"job is {job['status']}, wanted {statuses}: {job}")
             if not params:
                 time.sleep(poll)
+
+    def wait_for_text(
+        self, job_id: str, chars: int = 1, timeout: float = GENERATION_WAIT, key: str | None = None
+    ) -> str:
+        """Read the job's stream until `chars` characters of text have come (the miner is
+        generating it now); returns the text so far."""
+        text = ""
+        deadline = time.monotonic() + timeout
+        with self.http.stream(
+            "GET",
+            f"{self.url}/v1/jobs/{job_id}/stream",
+            headers={"X-Api-Key": key or self.client_key},
+        ) as response:
+            assert response.status_code == 200, response.read()
+            for line in response.iter_lines():
+                if line.startswith("event:") and line.split(":", 1)[1].strip() == "job":
+                    raise AssertionError(f"job {job_id} ended after {text!r}")
+                if line.startswith("data:") and line[5:].strip():
+                    text += json.loads(line[5:]).get("text", "")
+                if len(text) >= chars:
+                    return text
+                assert time.monotonic() < deadline, f"only {text!r} in {timeout} s"
+        raise AssertionError(f"the stream of {job_id} ended after {text!r}")
 
     def new_key(self, role: str, name: str) -> str:
         return run_cli(

@@ -182,7 +182,7 @@ BAD_SUBMISSIONS = [
     ({"prompt": "", "model": SMOL}, 400, "INVALID_PROMPT"),
     ({"prompt": 5, "model": SMOL}, 400, "INVALID_PROMPT"),
     ({"prompt": "x" * 70_000, "model": SMOL}, 400, "PROMPT_TOO_LONG"),
-    ({"prompt": "hi"}, 400, "INVALID_MODEL"),
+    ({"prompt": "hi", "model": ""}, 400, "INVALID_MODEL"),
     ({"prompt": "hi", "model": "gpt-17"}, 400, "UNKNOWN_MODEL"),
     ({"prompt": "hi", "model": SMOL, "colour": "red"}, 400, "UNKNOWN_FIELDS"),
     ({"prompt": "hi", "model": SMOL, "params": {"max_tokens": 0}}, 400, "INVALID_PARAMS"),

@@ -66,7 +66,7 @@ def test_the_webhook_receiver_accepts_a_real_event_and_rejects_a_forgery(
         port = s.getsockname()[1]
     script = tmp_path / "receiver.py"
     script.write_text(snippet.replace("9000", str(port)))
-    node = start_node("--no-miner")
+    node = start_node("--no-miner", "--webhook-allow", "127.0.0.1/32")
     hook = node.request(
         "POST",
         "/v1/webhooks",
@@ -81,7 +81,15 @@ def test_the_webhook_receiver_accepts_a_real_event_and_rejects_a_forgery(
         text=True,
     )
     try:
-        time.sleep(0.5)
+        deadline = time.monotonic() + 120
+        while True:  # until the receiver listens
+            assert receiver.poll() is None, receiver.communicate()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=10).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"the receiver never listened on {port}"
+                time.sleep(0.05)
         forged = httpx_post(port, b'{"event": "job.cancelled"}', "t=1,v1=00")
         assert forged == 400
         node.register_miner("m")
@@ -91,7 +99,7 @@ def test_the_webhook_receiver_accepts_a_real_event_and_rejects_a_forgery(
         assert delivery["attempts"][-1]["status_code"] == 204
     finally:
         receiver.terminate()
-        out, _ = receiver.communicate(timeout=10)
+        out, _ = receiver.communicate(timeout=120)
     assert out.split() == ["job.cancelled", job_id, "None"]
 
 
@@ -102,4 +110,5 @@ def httpx_post(port: int, body: bytes, signature: str) -> int:
         f"http://127.0.0.1:{port}/hook",
         content=body,
         headers={"AITBC-Signature": signature, "AITBC-Event-Id": "evt-forged"},
+        timeout=120,
     ).status_code

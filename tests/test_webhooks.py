@@ -15,6 +15,9 @@ import pytest
 from tests.conftest import NodeProcess
 from tests.test_jobs_api import assert_error
 
+# Receivers here listen on 127.0.0.1, which webhooks may reach only when the operator allows it.
+ALLOW_LOOPBACK = ("--webhook-allow", "127.0.0.1/32")
+
 
 class Receiver:
     """A webhook receiver on 127.0.0.1 that records what it gets and answers as told."""
@@ -23,6 +26,8 @@ class Receiver:
         self.received: list[dict] = []
         self.statuses: list[int] = []  # answers to give, in order; then 200
         self.hang_seconds = 0.0
+        self.location: str | None = None  # sent with a 3xx answer
+        self.gets: list[str] = []  # paths of any GET (a followed redirect would be one)
         self.lock = threading.Lock()
         receiver = self
 
@@ -42,6 +47,15 @@ class Receiver:
                 if receiver.hang_seconds:
                     time.sleep(receiver.hang_seconds)
                 self.send_response(status)
+                if 300 <= status < 400 and receiver.location:
+                    self.send_header("Location", receiver.location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_GET(self) -> None:
+                with receiver.lock:
+                    receiver.gets.append(self.path)
+                self.send_response(200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -113,7 +127,7 @@ def run_as_miner(node: NodeProcess, key: str, miner: str, job_id: str, outcome: 
 def test_completed_failed_and_cancelled_each_deliver_one_signed_event(
     start_node, receiver: Receiver
 ) -> None:
-    node = start_node("--no-miner")
+    node = start_node("--no-miner", *ALLOW_LOOPBACK)
     hook = register(node, receiver.url, ["job.completed", "job.failed", "job.cancelled"])
     assert hook["secret"].startswith("whsec_") and hook["webhook_id"].startswith("wh-")
     key = node.register_miner("hooker")
@@ -147,7 +161,7 @@ def test_completed_failed_and_cancelled_each_deliver_one_signed_event(
 
 
 def test_only_subscribed_events_of_my_own_jobs_fire(start_node, receiver: Receiver) -> None:
-    node = start_node("--no-miner")
+    node = start_node("--no-miner", *ALLOW_LOOPBACK)
     register(node, receiver.url, ["job.cancelled"])
     key = node.register_miner("m")
     other = node.new_key("client", "someone-else")
@@ -165,7 +179,7 @@ def test_only_subscribed_events_of_my_own_jobs_fire(start_node, receiver: Receiv
 def test_500_three_times_then_200_delivers_on_the_fourth_attempt(
     start_node, receiver: Receiver
 ) -> None:
-    node = start_node("--no-miner", "--webhook-retry-base", "0.2")
+    node = start_node("--no-miner", *ALLOW_LOOPBACK, "--webhook-retry-base", "0.2")
     hook = register(node, receiver.url)
     receiver.statuses = [500, 500, 500]
     key = node.register_miner("m")
@@ -182,7 +196,7 @@ def test_500_three_times_then_200_delivers_on_the_fourth_attempt(
 
 
 def test_an_event_survives_a_sigkill_between_attempts(start_node, receiver: Receiver) -> None:
-    node = start_node("--no-miner", "--webhook-retry-base", "3")
+    node = start_node("--no-miner", *ALLOW_LOOPBACK, "--webhook-retry-base", "3")
     hook = register(node, receiver.url)
     receiver.statuses = [503]
     key = node.register_miner("m")
@@ -192,7 +206,9 @@ def test_an_event_survives_a_sigkill_between_attempts(start_node, receiver: Rece
     delivery = only_delivery(node, hook["webhook_id"], lambda d: bool(d["attempts"]))
     assert delivery["attempts"][0]["status_code"] == 503
     node.kill()
-    again = start_node("--no-miner", "--webhook-retry-base", "3", data_dir=node.data_dir)
+    again = start_node(
+        "--no-miner", *ALLOW_LOOPBACK, "--webhook-retry-base", "3", data_dir=node.data_dir
+    )
     second = receiver.wait_for(2, timeout=30)[1]
     assert second["headers"]["aitbc-event-id"] == first["headers"]["aitbc-event-id"]
     assert signature_is_valid(hook["secret"], second)
@@ -203,7 +219,7 @@ def test_an_event_survives_a_sigkill_between_attempts(start_node, receiver: Rece
 def test_a_receiver_that_never_answers_does_not_delay_completion(
     start_node, receiver: Receiver
 ) -> None:
-    node = start_node("--no-miner", "--webhook-timeout", "20")
+    node = start_node("--no-miner", *ALLOW_LOOPBACK, "--webhook-timeout", "20")
     register(node, receiver.url)
     receiver.hang_seconds = 15
     key = node.register_miner("m")
@@ -218,7 +234,8 @@ def test_a_receiver_that_never_answers_does_not_delay_completion(
 
 
 def test_webhook_registration_is_validated_and_private(start_node) -> None:
-    node = start_node("--no-miner")
+    # example.com is allowed by name, so registering it needs no DNS lookup.
+    node = start_node("--no-miner", "--webhook-allow", "example.com")
     for url in ("not a url", "ftp://example.com/x", "http://", "http://host:99999/x", "", 5):
         r = node.request("POST", "/v1/webhooks", node.client_key, json={"url": url})
         assert_error(r, 400, "INVALID_URL")
@@ -226,7 +243,7 @@ def test_webhook_registration_is_validated_and_private(start_node) -> None:
         "POST",
         "/v1/webhooks",
         node.client_key,
-        json={"url": "http://127.0.0.1:9/x", "events": ["job.exploded"]},
+        json={"url": "https://example.com/x", "events": ["job.exploded"]},
     )
     assert_error(r, 400, "INVALID_EVENTS")
     hook = register(node, "https://example.com/hook")
