@@ -123,7 +123,7 @@ def test_ctrl_c_stops_the_node_cleanly(tmp_path: Path) -> None:
     node = NodeProcess(tmp_path / "data", "--no-miner").start()
     try:
         node.proc.send_signal(signal.SIGINT)
-        assert node.proc.wait(20) == 0
+        assert node.proc.wait(120) == 0
     finally:
         node.stop()
     assert "stopped cleanly" in node.output()
@@ -145,13 +145,13 @@ def test_serve_is_the_default_command_and_data_dir_env(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 300  # a bound on the start of a loaded machine
         while not (tmp_path / "from-env" / "credentials.json").exists():
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=20)
+        out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0
     assert str(tmp_path / "from-env") in out
 

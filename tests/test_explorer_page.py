@@ -20,12 +20,14 @@ from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
 try:
     from tests.browser import DESKTOP, PHONE, Watch, launch, screenshot
-    from tests.conftest import SMOL, NodeProcess
+    from tests.conftest import GENERATION_WAIT, SMOL, NodeProcess
 except ModuleNotFoundError:  # plain `pytest`: tests/ is on sys.path, the repository root is not
     from browser import DESKTOP, PHONE, Watch, launch, screenshot
-    from conftest import SMOL, NodeProcess
+    from conftest import GENERATION_WAIT, SMOL, NodeProcess
 
-expect.set_options(timeout=15_000)
+# How long the page may take to show something (ms): a bound for a busy machine, not a budget.
+UI_WAIT = 120_000
+expect.set_options(timeout=UI_WAIT)
 PAGE_FILE = Path(__file__).resolve().parent.parent / "aitbc_node" / "static" / "explorer.html"
 # What the page reads on its first paint: one request each, all public.
 FIRST_READS = {
@@ -49,7 +51,7 @@ def browser() -> Iterator[Browser]:
 
 def open_page(browser: Browser, viewport: dict[str, int] | None = None) -> tuple[Page, Watch]:
     context = browser.new_context(viewport=viewport or DESKTOP)
-    context.set_default_timeout(15_000)
+    context.set_default_timeout(UI_WAIT)
     page = context.new_page()
     return page, Watch.attach(page)
 
@@ -71,6 +73,14 @@ def wait_live(page: Page) -> None:
     expect(page.locator("#blocks table")).to_be_visible()
 
 
+def wait_for_polls(page: Page, count: int) -> None:
+    """Until `count` more of the page's polls have been answered; every poll but the last of
+    them has been rendered by then (the next poll starts only after one is rendered)."""
+    for _ in range(count):
+        with page.expect_response(lambda r: r.url.split("?")[0].endswith("/api/explorer/stats")):
+            pass
+
+
 def chain_state(node: NodeProcess) -> tuple[Any, ...]:
     stats = node.request("GET", "/explorer/stats").json()
     return tuple(stats[k] for k in ("height", "receipts", "unsealed_receipts", "transactions"))
@@ -79,8 +89,8 @@ def chain_state(node: NodeProcess) -> tuple[Any, ...]:
 def sealed_receipt(node: NodeProcess, prompt: str = "Name one colour.") -> dict[str, Any]:
     """Run a short job to completion and wait until its receipt is sealed in a block."""
     job = node.submit(prompt, params={"max_tokens": 12, "seed": 7, "temperature": 0})
-    job = node.wait_for(job["job_id"], ("completed",), timeout=120)
-    deadline = time.monotonic() + 30
+    job = node.wait_for(job["job_id"], ("completed",), timeout=GENERATION_WAIT)
+    deadline = time.monotonic() + UI_WAIT / 1000
     while True:
         r = node.request("GET", f"/v1/receipts/{job['receipt_id']}/proof")
         if r.status_code == 200:
@@ -95,7 +105,7 @@ def done_job(node: NodeProcess) -> dict[str, Any]:
 
 
 def test_page_is_small_and_self_contained(node: NodeProcess) -> None:
-    body = httpx.get(root(node)).content
+    body = httpx.get(root(node), timeout=120).content
     assert len(PAGE_FILE.read_bytes()) < 100_000
     assert len(body) < 100_000, f"the page is {len(body)} bytes"
     text = body.decode()
@@ -128,10 +138,10 @@ def test_loads_clean_with_only_page_and_api_reads(node: NodeProcess, browser: Br
         # Polls that bring nothing new leave the DOM alone (rows, focus and scroll stay put).
         for _ in range(5):
             before = chain_state(node)
-            page.wait_for_timeout(2_000)  # the page catches up with `before`
+            wait_for_polls(page, 3)  # the page catches up with `before`
             page.evaluate("window.__row = document.querySelector('#blocks tbody tr')")
             page.locator("#blocks tbody a").first.focus()
-            page.wait_for_timeout(3_500)  # two polls or more
+            wait_for_polls(page, 3)  # two polls or more, rendered
             if chain_state(node) == before:  # else the chain moved meanwhile: try again
                 break
         assert page.evaluate("window.__row.isConnected")
@@ -152,8 +162,8 @@ def test_new_job_appears_live_without_reload(node: NodeProcess, browser: Browser
         job = sealed_receipt(node, "Say one word.")
         rid, height = job["receipt_id"], job["block_height"]
         receipt_row = page.locator("#receipts tr", has=page.locator(f"a[href='#/receipt/{rid}']"))
-        expect(receipt_row).to_be_visible(timeout=15_000)
-        expect(receipt_row.locator(f"a[href='#/block/{height}']")).to_be_visible(timeout=15_000)
+        expect(receipt_row).to_be_visible()
+        expect(receipt_row.locator(f"a[href='#/block/{height}']")).to_be_visible()
         expect(page.locator(f"#blocks a[href='#/block/{height}']")).to_be_visible()
         expect(page.locator("#txs")).to_contain_text(rid)
         assert page.evaluate("window.__sameDocument") is True, "the page reloaded"
@@ -301,7 +311,9 @@ def test_try_it_runs_a_real_job(node: NodeProcess, browser: Browser) -> None:
           }"""
         )
         page.get_by_role("button", name="Run job").click()
-        expect(page.locator("#job .job[data-status='completed']")).to_be_visible(timeout=120_000)
+        expect(page.locator("#job .job[data-status='completed']")).to_be_visible(
+            timeout=GENERATION_WAIT * 1000
+        )
         statuses = page.evaluate("window.__statuses")
         assert statuses[0] == "pending" and statuses[-1] == "completed", statuses
         assert statuses == [s for s in ("pending", "running", "completed") if s in statuses]
@@ -312,7 +324,7 @@ def test_try_it_runs_a_real_job(node: NodeProcess, browser: Browser) -> None:
         assert page.evaluate("localStorage.getItem('aitbc-explorer.api-key')") == node.client_key
 
         link = page.locator("#job-receipt")
-        expect(link).to_be_visible(timeout=10_000)
+        expect(link).to_be_visible()
         screenshot(page.locator("#try"), "try-it-completed-desktop")
         rid = link.get_attribute("href").removeprefix("#/receipt/")
         job_id = page.locator("#job-status .mono").inner_text()
@@ -323,7 +335,7 @@ def test_try_it_runs_a_real_job(node: NodeProcess, browser: Browser) -> None:
         expect(page).to_have_url(re.compile(f"#/receipt/{rid}$"))
         verdict = page.locator("#verdict")
         expect(verdict).to_contain_text("Signature valid — signed by this node's key")
-        expect(page.locator("#seal-status")).to_contain_text("Sealed in block #", timeout=20_000)
+        expect(page.locator("#seal-status")).to_contain_text("Sealed in block #")
 
         # The key survives a reload (it is kept in localStorage).
         page.goto(root(node))
@@ -363,16 +375,16 @@ def test_unreachable_node_shows_banner_and_recovers(start_node: Any, page: Page)
     expect(banner).to_be_hidden()
 
     proc.stop()
-    expect(banner).to_be_visible(timeout=15_000)
+    expect(banner).to_be_visible()
     expect(banner).to_contain_text("Node unreachable")
     expect(page.locator("#live")).to_have_text("Offline")
-    expect(page.locator("#banner-sub")).to_contain_text("attempt 2", timeout=10_000)
+    expect(page.locator("#banner-sub")).to_contain_text("attempt 2")
 
     again = NodeProcess(proc.data_dir, "--no-miner")
     again.port, again.url = proc.port, proc.url
     try:
         again.start()
-        expect(page.locator("#live")).to_have_text("Live", timeout=15_000)
+        expect(page.locator("#live")).to_have_text("Live")
         expect(banner).to_be_hidden()
     finally:
         again.stop()
@@ -399,7 +411,10 @@ def test_screenshots_and_layout(
         page.goto(root(node) + f"#/receipt/{rid}")
         expect(page.locator("#verdict")).to_contain_text("Signature valid")
         expect(page.locator("#seal-status")).to_contain_text("Sealed in block")
-        page.wait_for_timeout(300)
+        # Two animation frames: the layout after the last change has been drawn.
+        page.evaluate(
+            "() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))"
+        )
         no_horizontal_overflow(page)
         screenshot(page, f"receipt-{name}")
 
@@ -570,14 +585,15 @@ def test_receipt_cosigned_by_a_remote_miner(start_node: Any, page: Page) -> None
     expect(page.locator("#verdict")).to_contain_text("Signature valid")
     expect(page.locator("#cosign .badge.ok")).to_have_text("valid")
     expect(page.locator("#cosign")).to_contain_text(miner.public_key_hex[:6])
-    expect(page.locator("#seal-status")).to_contain_text("Sealed in block", timeout=20_000)
+    expect(page.locator("#seal-status")).to_contain_text("Sealed in block")
     page.goto(root(proc))
     expect(page.locator("#miners")).to_contain_text("gpu-box-1")
     expect(page.locator("#miners")).to_contain_text("RTX 4090")
 
 
 def test_receipt_view_waits_for_its_block(start_node: Any, browser: Browser) -> None:
-    proc = start_node("--block-interval", "8")
+    # Blocks far apart, so the view opens between a job's completion and its block.
+    proc = start_node("--block-interval", "60")
     page, watch = open_page(browser)
     try:
         page.goto(root(proc))
@@ -585,7 +601,7 @@ def test_receipt_view_waits_for_its_block(start_node: Any, browser: Browser) -> 
         seal = page.locator("#seal-status")
         for _ in range(3):  # the block may be sealed before the view opens: then try again
             job = proc.submit("Say hi", params={"max_tokens": 4})
-            job = proc.wait_for(job["job_id"], ("completed",), timeout=60)
+            job = proc.wait_for(job["job_id"], ("completed",), timeout=GENERATION_WAIT)
             page.goto(root(proc) + f"#/receipt/{job['receipt_id']}")
             expect(seal).to_be_visible()
             if "Not yet sealed" in seal.inner_text():
@@ -594,7 +610,7 @@ def test_receipt_view_waits_for_its_block(start_node: Any, browser: Browser) -> 
             raise AssertionError("never caught a receipt before its block")
         # The signature holds before sealing; the view moves on by itself once the block is in.
         expect(page.locator("#verdict")).to_contain_text("Signature valid")
-        expect(seal).to_contain_text("Sealed in block #", timeout=20_000)
+        expect(seal).to_contain_text("Sealed in block #")
         expect(seal).to_have_class(re.compile(r"\bok\b"))
         watch.assert_clean()  # never asked for the proof of an unsealed receipt (a 409)
     finally:

@@ -212,7 +212,7 @@ def test_a_browser_page_on_an_allowed_origin_runs_a_job(start_node) -> None:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             try:
                 page = browser.new_page()
-                page.goto(allowed + "/" + query)
+                page.goto(allowed + "/" + query, timeout=WAIT_MS)
                 page.wait_for_function("() => window.outcome !== undefined", timeout=WAIT_MS)
                 outcome = page.evaluate("() => window.outcome")
                 assert outcome["ok"], outcome
@@ -222,8 +222,8 @@ def test_a_browser_page_on_an_allowed_origin_runs_a_job(start_node) -> None:
 
                 # The same page on an origin the node does not allow: the browser refuses it.
                 page = browser.new_page()
-                page.goto(refused + "/" + query)
-                page.wait_for_function("() => window.outcome !== undefined", timeout=60_000)
+                page.goto(refused + "/" + query, timeout=WAIT_MS)
+                page.wait_for_function("() => window.outcome !== undefined", timeout=WAIT_MS)
                 outcome = page.evaluate("() => window.outcome")
                 assert not outcome["ok"]
                 assert "Failed to fetch" in outcome["error"]

@@ -28,7 +28,7 @@ def completed_job(node: NodeProcess, prompt: str = "Name a colour.", key: str | 
     return node.wait_for(job["job_id"], ("completed",), key=key)
 
 
-def sealed_proof(node: NodeProcess, receipt_id: str, timeout: float = 20) -> dict:
+def sealed_proof(node: NodeProcess, receipt_id: str, timeout: float = 120) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         r = node.request("GET", f"/v1/receipts/{receipt_id}/proof")
@@ -264,7 +264,7 @@ def test_sigkill_before_sealing_loses_no_receipt(start_node) -> None:
     again = start_node("--block-interval", "0.2", data_dir=node.data_dir)
     for job in jobs:
         assert again.job(job["job_id"])["receipt_id"]
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 120
     while again.request("GET", "/explorer/stats").json()["unsealed_receipts"]:
         assert time.monotonic() < deadline
         time.sleep(0.1)

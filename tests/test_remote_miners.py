@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 
 from aitbc_node.receipts import verify_receipt
-from tests.conftest import ROOT, SMOL, NodeProcess, stop_process
+from tests.conftest import (
+    GENERATION_WAIT,
+    LONG_PARAMS,
+    LONG_PROMPT,
+    ROOT,
+    SMOL,
+    NodeProcess,
+    stop_process,
+)
 
 GEMMA = "gemma-3-270m-q4_k_m"
 
@@ -55,7 +63,7 @@ class MinerProcess:
             cwd=ROOT,
         )
 
-    def wait_registered(self, coordinator: NodeProcess, timeout: float = 60) -> None:
+    def wait_registered(self, coordinator: NodeProcess, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while True:
             miners = coordinator.request("GET", "/v1/miners").json()["miners"]
@@ -101,7 +109,7 @@ def test_jobs_go_only_to_the_miner_serving_their_model(
             )
         )
     for job in jobs:
-        done = coordinator.wait_for(job["job_id"], ("completed", "failed"), timeout=120)
+        done = coordinator.wait_for(job["job_id"], ("completed", "failed"), timeout=GENERATION_WAIT)
         assert done["status"] == "completed", done
         assert done["result"].strip()
         expected = "gemma-box" if done["served_model"] == GEMMA else "smol-box"
@@ -112,18 +120,16 @@ def test_jobs_go_only_to_the_miner_serving_their_model(
 
 
 def test_a_killed_miners_job_is_requeued_and_completed_once(start_node, start_miner) -> None:
-    coordinator = start_node("--no-miner", "--lease-seconds", "2")
+    # A lease long enough that a busy machine's heartbeats keep it, short enough to lapse soon.
+    coordinator = start_node("--no-miner", "--lease-seconds", "10")
     miners = {m.name: m for m in (start_miner(coordinator, "a"), start_miner(coordinator, "b"))}
-    job_id = coordinator.submit(
-        "List the numbers from 1 to 1000 separated by commas: 1, 2, 3,",
-        params={"max_tokens": 600, "temperature": 0},
-    )["job_id"]
-    running = coordinator.wait_for(job_id, ("running",), timeout=30)
-    victim = miners[running["miner_id"]]
-    time.sleep(0.5)  # mid-generation
+    # Long enough to be cut short by the kill; short enough for the other miner to finish.
+    job_id = coordinator.submit(LONG_PROMPT, params={**LONG_PARAMS, "max_tokens": 200})["job_id"]
+    coordinator.wait_for_text(job_id)  # mid-generation
+    victim = miners[coordinator.job(job_id)["miner_id"]]
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait()
-    done = coordinator.wait_for(job_id, ("completed", "failed"), timeout=180)
+    done = coordinator.wait_for(job_id, ("completed", "failed"), timeout=GENERATION_WAIT)
     assert done["status"] == "completed", done
     assert done["miner_id"] != victim.name and done["attempts"] == 2
     db = sqlite3.connect(coordinator.data_dir / "node.db")
@@ -139,11 +145,10 @@ def test_the_miner_reconnects_after_a_coordinator_restart(start_node, start_mine
     coordinator = start_node("--no-miner")
     miner = start_miner(coordinator, "steadfast")
     port, data_dir = coordinator.port, coordinator.data_dir
-    coordinator.kill()
-    time.sleep(1.0)  # the miner's long poll breaks; it backs off and retries
+    coordinator.kill()  # the miner's long poll breaks now; it backs off and retries
     again = start_node("--no-miner", data_dir=data_dir, port=port)
     job_id = again.submit("Say hello again.", params={"max_tokens": 8})["job_id"]
-    done = again.wait_for(job_id, ("completed", "failed"), timeout=90)
+    done = again.wait_for(job_id, ("completed", "failed"), timeout=GENERATION_WAIT)
     assert done["status"] == "completed" and done["miner_id"] == "steadfast"
     assert miner.proc.poll() is None
 
@@ -152,7 +157,7 @@ def test_the_miners_co_signature_is_in_the_receipt_and_verified(start_node, star
     coordinator = start_node("--no-miner")
     start_miner(coordinator, "signer")
     job = coordinator.submit("Say something nice.", params={"max_tokens": 12})
-    done = coordinator.wait_for(job["job_id"], ("completed",), timeout=60)
+    done = coordinator.wait_for(job["job_id"], ("completed",), timeout=GENERATION_WAIT)
     receipt = coordinator.request("GET", f"/v1/receipts/{done['receipt_id']}").json()
     node_key = coordinator.request("GET", "/health").json()["node"]["public_key"]
     miner = next(
@@ -201,21 +206,22 @@ def test_a_keyed_miner_must_co_sign(start_node) -> None:
 def test_sigterm_lets_the_miner_finish_its_job(start_node, start_miner) -> None:
     coordinator = start_node("--no-miner")
     miner = start_miner(coordinator, "polite")
-    job_id = coordinator.submit(
-        "Count from 1 to 100.", params={"max_tokens": 150, "temperature": 0}
-    )["job_id"]
-    coordinator.wait_for(job_id, ("running",), timeout=30)
+    job_id = coordinator.submit(LONG_PROMPT, params={**LONG_PARAMS, "max_tokens": 300})["job_id"]
+    coordinator.wait_for_text(job_id)  # mid-generation
     miner.proc.send_signal(signal.SIGTERM)
-    assert miner.proc.wait(60) == 0
-    assert coordinator.job(job_id)["status"] == "completed"
+    assert miner.proc.wait(GENERATION_WAIT) == 0
+    job = coordinator.job(job_id)
+    assert job["status"] == "completed"
+    assert job["usage"]["completion_tokens"] == 300  # all of it: the signal did not cut it short
     assert "stopped after 1 jobs" in miner.log.read_text()
 
 
 def test_an_idle_miner_stops_at_once(start_node, start_miner) -> None:
     coordinator = start_node("--no-miner")
-    miner = start_miner(coordinator, "idle")
-    time.sleep(0.5)  # now inside its 30 s long poll
+    miner = start_miner(coordinator, "idle")  # registered: it waits for work in 30 s long polls
     started = time.monotonic()
     miner.proc.send_signal(signal.SIGTERM)
-    assert miner.proc.wait(20) == 0
-    assert time.monotonic() - started < 5
+    assert miner.proc.wait(GENERATION_WAIT) == 0
+    # It cut its long poll short rather than waiting out the 30 s (bench: wait_latency.py).
+    assert time.monotonic() - started < 30
+    assert "stopped after 0 jobs" in miner.log.read_text()

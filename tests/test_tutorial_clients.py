@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.conftest import SMOL, NodeProcess
+from tests.conftest import GENERATION_WAIT, SMOL, NodeProcess
 
 # --- copied unchanged from the tutorial: "Using httpx" -----------------------------------
 import httpx
@@ -76,13 +76,14 @@ def test_tutorial_sync_client(node: NodeProcess) -> None:
     client = CoordinatorClient(node.url, node.client_key)
     job = client.submit_job("Hello, world!")
     assert job["status"] == "pending"
-    result = client.wait_for_job(job["job_id"])
+    result = client.wait_for_job(job["job_id"], timeout=GENERATION_WAIT)
     assert result["status"] == "completed"
     assert result["result"].strip()
     assert result["model"] == "llama3.2" and result["served_model"] == SMOL
     # the tutorial passes params as keyword arguments
     job = client.submit_job("Hello, world!", max_tokens=8, temperature=0.0)
-    assert client.wait_for_job(job["job_id"])["usage"]["completion_tokens"] <= 8
+    done = client.wait_for_job(job["job_id"], timeout=GENERATION_WAIT)
+    assert done["usage"]["completion_tokens"] <= 8
 
 
 def test_tutorial_sync_client_raises_on_errors(node: NodeProcess) -> None:
@@ -100,7 +101,7 @@ def test_tutorial_async_client(node: NodeProcess) -> None:
     async def main() -> dict:
         client = AsyncCoordinatorClient(node.url, node.client_key)
         job = await client.submit_job("Hello, world!")
-        return await client.wait_for_job(job["job_id"])
+        return await client.wait_for_job(job["job_id"], timeout=GENERATION_WAIT)
 
     result = asyncio.run(main())
     assert result["status"] == "completed"
