@@ -116,7 +116,9 @@ def nests_deeper_than(raw: bytes, bound: int) -> bool:
     for _ in range(bound):
         shorter = brackets.replace(b"[]", b"")
         if len(shorter) == len(brackets):
-            return False  # no pair left: unbalanced, so not JSON; the decoder says so
+            # No pair left: unbalanced, so not JSON. Its unclosed openings nest at least as
+            # deep as their number.
+            return brackets.count(b"[") > bound
         brackets = shorter
     return b"[]" in brackets  # a pair still inside `bound` levels of others
 
