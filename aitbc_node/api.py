@@ -785,11 +785,11 @@ def create_app(node: Node) -> Litestar:
         logging_config=None,  # the node's own (logs.setup), not Litestar's root handler
     )
     app.state.node = node
-    _close_request_schemas(app)
+    _use_msgspec_request_schemas(app)
     return app
 
 
-def _close_request_schemas(app: Litestar) -> None:
+def _use_msgspec_request_schemas(app: Litestar) -> None:
     """Describe each request body in the OpenAPI document with msgspec's own JSON Schema.
 
     Litestar's generator drops a field's constraints inside an optional field, a union or a

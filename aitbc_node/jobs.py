@@ -585,12 +585,14 @@ class Jobs:
         """At start: end the leases of the jobs this node's own miner held when it died.
 
         Each counts a fault, as it may be what killed the process: one at its `MAX_FAULTS`th
-        is failed `POISON_JOB` rather than run (and perhaps crash the node) again.
+        is failed `POISON_JOB` rather than run (and perhaps crash the node) again. Returns
+        `expire_leases`'s outcome (which also covers remote miners' leases that ran out)
+        with `interrupted`: the ids of this miner's own jobs.
         """
         with self.store.write() as db:
-            db.execute(
+            interrupted = db.execute(
                 "UPDATE jobs SET lease_expires_ms = 0, faults = faults + 1"
-                " WHERE status = 'running' AND miner_id = ?",
+                " WHERE status = 'running' AND miner_id = ? RETURNING job_id",
                 (miner_id,),
             )
             poisoned, queued = self._poison(
@@ -602,6 +604,7 @@ class Jobs:
         self._announce_ended(poisoned, queued)
         outcome = self.expire_leases()
         outcome["failed"] += poisoned
+        outcome["interrupted"] = [r["job_id"] for r in interrupted]
         return outcome
 
     def record_fault(self, job_id: str, miner_id: str, cause: str) -> str | None:

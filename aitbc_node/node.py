@@ -106,16 +106,10 @@ class Node:
 
     def start(self) -> None:
         """Requeue what a crash interrupted, load the models, start the miner and the reaper."""
-        # requeue_interrupted also expires remote miners' leases that ran out while the node
-        # was down: tell those apart from the built-in miner's own interrupted jobs.
-        own = {
-            r["job_id"]
-            for r in self.store.read().execute(
-                "SELECT job_id FROM jobs WHERE status = 'running' AND miner_id = ?",
-                (keys.BUILTIN_MINER_ID,),
-            )
-        }
         outcome = self.jobs.requeue_interrupted(keys.BUILTIN_MINER_ID)
+        # It also expires remote miners' leases that ran out while the node was down: tell
+        # those apart from the built-in miner's own interrupted jobs.
+        own = set(outcome["interrupted"])
         for what, mine, level in (
             ("built-in miner's interrupted jobs", True, logging.WARNING),
             (

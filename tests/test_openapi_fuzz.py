@@ -30,6 +30,7 @@ from schemathesis import Case, GenerationMode, checks
 from schemathesis.errors import FailureGroup
 
 from tests.conftest import GENERATION_WAIT, SMOL, NodeProcess, free_port
+from tests.test_api_edge import resolve
 
 SEED = 20_261_127
 # Generated cases per operation in the first pass; each is sent three times (client, miner,
@@ -200,16 +201,6 @@ class Fuzzer:
             except Unsatisfiable:
                 # An operation with no inputs has no invalid request to make.
                 assert mode is GenerationMode.NEGATIVE, label
-
-
-def resolve(document: dict, node: dict) -> dict:
-    """Follow `$ref`s within the document."""
-    while "$ref" in node:
-        target: Any = document
-        for part in node["$ref"].removeprefix("#/").split("/"):
-            target = target[part]
-        node = target
-    return node
 
 
 def documented_only(document: dict, value: Any, schema: dict) -> Any:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -144,15 +145,20 @@ def idle_miner_ms(tmp: Path, stops: int) -> list[float]:
             try:
                 miner.wait_registered(coordinator)
                 time.sleep(1)  # into its long poll (a benchmark may nap; a test may not)
-                sent = time.perf_counter()
-                miner.proc.send_signal(signal.SIGTERM)
-                miner.proc.wait(120)
-                out.append((time.perf_counter() - sent) * 1000)
+                out.append(sigterm_ms(miner.proc))
             finally:
                 miner.stop()
     finally:
         coordinator.stop()
     return out
+
+
+def sigterm_ms(proc: subprocess.Popen) -> float:
+    """Milliseconds from SIGTERM to `proc`'s exit."""
+    sent = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(120)
+    return (time.perf_counter() - sent) * 1000
 
 
 def busy_node_ms(tmp: Path, stops: int) -> list[float]:
@@ -162,10 +168,7 @@ def busy_node_ms(tmp: Path, stops: int) -> list[float]:
         try:
             job_id = node.submit(LONG_PROMPT, params=LONG_PARAMS)["job_id"]
             node.wait_for_text(job_id)
-            sent = time.perf_counter()
-            node.proc.send_signal(signal.SIGTERM)
-            node.proc.wait(120)
-            out.append((time.perf_counter() - sent) * 1000)
+            out.append(sigterm_ms(node.proc))
         finally:
             node.stop()
     return out
