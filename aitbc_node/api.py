@@ -247,6 +247,8 @@ WebhookId = Annotated[
     str, Parameter(pattern=ID_PATTERN, max_length=MAX_ID_CHARS, description="wh-...")
 ]
 MinerIdPath = Annotated[str, Parameter(pattern=ID_PATTERN, max_length=MAX_ID_CHARS)]
+# How many pending jobs one offer to a miner holds unless it asks for another number.
+OFFER_LIMIT = 10
 Limit = Annotated[
     int,
     Parameter(ge=1, le=MAX_LIST_LIMIT, description=f"items per page, 1 to {MAX_LIST_LIMIT}"),
@@ -357,17 +359,20 @@ async def available_jobs(
     request: Request,
     miner_id: Annotated[str, Parameter(pattern=ID_PATTERN, max_length=MAX_ID_CHARS)],
     wait: Wait = 0,
+    limit: Limit = OFFER_LIMIT,
 ) -> OfferedJobs:
-    """Pending jobs for the models this miner registered, oldest first. With `wait=SECONDS`
-    (up to 60) the answer comes the moment a matching job is submitted."""
+    """Pending jobs for the models this miner registered, up to `limit`, in turn by client
+    (the next job of the client with the fewest running and queued ahead of it first, the
+    oldest among equals). With `wait=SECONDS` (up to 60) the answer comes the moment a
+    matching job is submitted."""
     node = _node(request)
-    found = await authorized(request, lambda p: (p, node.jobs.available(p, miner_id)))
+    found = await authorized(request, lambda p: (p, node.jobs.available(p, miner_id, limit)))
     principal, offer = found
     if offer["jobs"] or wait == 0:
         return offer
 
     async def offered() -> dict[str, Any] | None:
-        current = await in_thread(node.jobs.available, principal, miner_id)
+        current = await in_thread(node.jobs.available, principal, miner_id, limit)
         return current if current["jobs"] else None
 
     return await node.signals.waiters.until(offered, (WORK,), wait) or {"jobs": []}
@@ -476,6 +481,14 @@ async def claim_job(request: Request, job_id: JobId, data: MinerRequest) -> Job:
     """Claim a pending job: `{miner_id}`. Of racing claims one wins, the others get 409."""
     jobs = _node(request).jobs
     return await authorized(request, lambda p: jobs.claim(p, job_id, data.miner_id))
+
+
+@operation(post, "/v1/jobs/{job_id:str}/release", *BODY, *WRITES, 404, 409, tag="miners")
+async def release_job(request: Request, job_id: JobId, data: MinerRequest) -> Job:
+    """Hand a claimed job back to the queue, uncounted: `{miner_id}` (a miner shutting down
+    with work in hand). The job is pending again, for any miner."""
+    jobs = _node(request).jobs
+    return await authorized(request, lambda p: jobs.hand_back(p, job_id, data))
 
 
 @operation(post, "/v1/jobs/{job_id:str}/complete", *BODY, *WRITES, 404, 409, tag="miners")
@@ -725,6 +738,7 @@ def create_app(node: Node) -> Litestar:
             register_miner,
             heartbeat,
             claim_job,
+            release_job,
             complete_job,
             fail_job,
             job_progress,

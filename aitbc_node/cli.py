@@ -45,6 +45,21 @@ EXIT_INVALID = 1  # `verify` found a break
 EXIT_USAGE = 2  # bad arguments or input
 
 
+# The most jobs one model serves at once (the engine's own bound).
+MAX_PARALLEL = 64
+
+
+def parallel_count(value: str) -> int:
+    """`--parallel`: a whole number of sequences, 1 to MAX_PARALLEL."""
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if not 1 <= count <= MAX_PARALLEL:
+        raise argparse.ArgumentTypeError(f"{count} is not between 1 and {MAX_PARALLEL}")
+    return count
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aitbc-node",
@@ -97,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--threads", type=int, default=None, help="CPU threads for llama.cpp (all cores)"
+    )
+    serve.add_argument(
+        "--parallel",
+        type=parallel_count,
+        default=None,
+        metavar="N",
+        help="jobs each model serves at once, in one batch (1 to 64); default 8 on a GPU, 4 on "
+        "a CPU, halved until their KV cache (N x --ctx-size tokens) fits in a quarter of "
+        "the free memory",
     )
     rules = JobRules()
     serve.add_argument(
@@ -298,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     miner.add_argument("--gpu-layers", type=int, default=None, help="as for serve")
     miner.add_argument("--ctx-size", type=int, default=4096, help="as for serve (%(default)s)")
     miner.add_argument("--threads", type=int, default=None, help="as for serve")
+    miner.add_argument(
+        "--parallel", type=parallel_count, default=None, metavar="N", help="as for serve"
+    )
     add_log_flags(miner, access_log=False)
     miner.set_defaults(run=cmd_miner)
 
@@ -479,6 +506,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         gpu_layers=args.gpu_layers,
         context=args.ctx_size,
         threads=args.threads,
+        parallel=args.parallel,
         rules=JobRules(
             lease_seconds=args.lease_seconds,
             max_attempts=args.max_attempts,
@@ -557,7 +585,10 @@ def startup_banner(node: Node, port: int) -> str:
     if node.miner is not None:
         backend = node.miner.gpu_info["backend"]
         for engine in node.miner.engines.values():
-            lines.append(f"  Model       {engine.model.name} ({engine.model.path.name}, {backend})")
+            lines.append(
+                f"  Model       {engine.model.name} ({engine.model.path.name}, {backend},"
+                f" {engine.parallel} at once)"
+            )
     else:
         lines.append("  Miner       none built in (--no-miner); remote miners serve the jobs")
     for alias, target in node.settings.rules.aliases.items():
@@ -685,7 +716,13 @@ def cmd_miner(args: argparse.Namespace) -> int:
     gpu_info = device_info(gpu_layers)  # before any model loads, as in serve
     try:
         engines = {
-            m.name: Engine(m, gpu_layers=gpu_layers, context=args.ctx_size, threads=args.threads)
+            m.name: Engine(
+                m,
+                gpu_layers=gpu_layers,
+                context=args.ctx_size,
+                threads=args.threads,
+                parallel=args.parallel,
+            )
             for m in models
         }
     except EngineError as e:
@@ -694,7 +731,9 @@ def cmd_miner(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: miner.request_stop())
     print(
-        f"aitbc-node miner {miner_id}: serving {', '.join(engines)} for {args.coordinator}\n"
+        f"aitbc-node miner {miner_id}: serving"
+        f" {', '.join(f'{n} ({e.parallel} at once)' for n, e in engines.items())}"
+        f" for {args.coordinator}\n"
         f"  miner key   {key.public_key_hex} ({key.key_id})",
         flush=True,
     )

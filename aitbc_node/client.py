@@ -258,17 +258,23 @@ class CoordinatorClient:
         )
         return self.request("POST", "/v1/miners/register", json=body)
 
-    def available_jobs(self, miner_id: str, wait: float | None = None) -> list[dict[str, Any]]:
+    def available_jobs(
+        self, miner_id: str, wait: float | None = None, limit: int | None = None
+    ) -> list[dict[str, Any]]:
         timeout = None if wait is None else wait + self.client.timeout.read + 1
         return self.request(
             "GET",
             "/v1/jobs/available",
-            params={"miner_id": miner_id, "wait": wait},
+            params={"miner_id": miner_id, "wait": wait, "limit": limit},
             timeout=timeout,
         )["jobs"]
 
     def claim_job(self, job_id: str, miner_id: str) -> dict[str, Any]:
         return self.request("POST", f"/v1/jobs/{job_id}/claim", json={"miner_id": miner_id})
+
+    def release_job(self, job_id: str, miner_id: str) -> dict[str, Any]:
+        """Hand a claimed job back to the queue, uncounted."""
+        return self.request("POST", f"/v1/jobs/{job_id}/release", json={"miner_id": miner_id})
 
     def heartbeat(self, miner_id: str) -> dict[str, Any]:
         return self.request("POST", f"/v1/miners/{miner_id}/heartbeat")

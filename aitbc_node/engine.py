@@ -1,9 +1,21 @@
-"""Inference with llama.cpp (through llama-cpp-python): the only module that imports it.
+"""Inference with llama.cpp (through llama-cpp-python's low-level API): the only module that
+imports it.
 
-An `Engine` holds one loaded GGUF model. `generate` runs one job: a chat model gets the prompt
-through the chat template stored in its GGUF file, a base model gets it as plain text. Text is
-streamed out as it is produced, and `should_stop` is asked after every token, so a cancel or a
-shutdown stops the work within one token.
+An `Engine` holds one loaded GGUF model and one llama.cpp context with room for `parallel`
+sequences, each with its own `context` tokens of KV cache. Jobs are decoded together
+(continuous batching, as llama-server and vLLM do): `admit` gives a job a free sequence,
+and each `step` builds one `llama_batch` with the next token of every sequence that is
+generating plus a chunk of any prompt still being read (chunked prefill, so a long prompt never
+stalls the others), calls `llama_decode` once, and samples each sequence with its own sampler
+chain (its own temperature, top_p and seed). A sequence that finishes, or is aborted, frees its
+KV cells at once, so a waiting job can take its place at the next step.
+
+A chat model gets the prompt through the chat template stored in its GGUF file, a base model
+gets it as plain text. Text is handed out as it is produced, holding back only a tail that
+could still become a stop string.
+
+An `Engine` is not thread-safe: one thread (the miner loop) drives it. llama.cpp releases the
+GIL while it computes (ctypes calls do), so the API stays responsive meanwhile.
 """
 
 from __future__ import annotations
@@ -26,6 +38,9 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from aitbc_node.models import ModelFile
 
 log = logging.getLogger("aitbc_node.engine")
+# llama.cpp's own messages (model loading, graph details) go through llama-cpp-python's logger;
+# only its errors are worth a user's terminal.
+logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 
 DEFAULT_CONTEXT = 4096
 
@@ -108,6 +123,7 @@ def _devices() -> list[dict[str, Any]]:
                     "description": lib.ggml_backend_dev_description(dev).decode(errors="replace"),
                     "type": _DEVICE_TYPES.get(lib.ggml_backend_dev_type(dev), "other"),
                     "memory_total": total.value,
+                    "memory_free": free.value,
                 }
             )
         return devices
@@ -130,8 +146,117 @@ def default_gpu_layers() -> int:
     return -1 if gpu_offload_supported() else 0
 
 
+# The most sequences one context holds (llama.cpp's own bound is higher; past this the
+# per-step work of sampling in Python outweighs what another sequence adds).
+MAX_PARALLEL = 64
+# Tokens per `llama_decode`: every generating sequence's next token, then prompt chunks.
+BATCH_TOKENS = 512
+# min_p as llama.cpp's own samplers default it, top_k as llama-cpp-python's generate did.
+TOP_K = 40
+MIN_P = 0.05
+FLASH_ATTENTION = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+
+
+def choose_parallel(kv_bytes_per_token: int, context: int, on_gpu: bool, free_bytes: int) -> int:
+    """The default number of sequences served at once: 8 on a GPU (a GPU decodes 8 sequences
+    in about the time of one), 4 on a CPU (where aggregate tokens/s levels off past 4 to 8),
+    halved until the KV cache (`context` tokens per sequence) takes at most a quarter of the
+    memory that is free now, and never below 1."""
+    parallel = 8 if on_gpu else 4
+    while parallel > 1 and parallel * context * kv_bytes_per_token > free_bytes // 4:
+        parallel //= 2
+    return parallel
+
+
+def _free_memory(on_gpu: bool) -> int:
+    """Memory free now where the KV cache will live: the first GPU's, or the host's."""
+    if on_gpu:
+        for device in _devices():
+            if device["type"] == "gpu" and device.get("memory_free"):
+                return int(device["memory_free"])
+    return _free_host_memory()
+
+
+def _free_host_memory() -> int:
+    """MemAvailable from /proc/meminfo, in bytes (a generous guess where it cannot be read)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 8 * 2**30
+
+
+class Sequence:
+    """One job inside the batch: its prompt, its sampler, and the text it has produced."""
+
+    def __init__(
+        self,
+        seq_id: int,
+        tokens: list[int],
+        params: dict[str, Any],
+        stops: list[str],
+        max_tokens: int,
+        sampler: Any,
+        on_text: Callable[[str], None] | None,
+    ) -> None:
+        self.seq_id = seq_id
+        self.tokens = tokens
+        self.stops = stops
+        self.max_tokens = max_tokens
+        self.min_tokens = min(int(params.get("min_tokens") or 0), max_tokens)
+        self.ignore_eos = bool(params.get("ignore_eos"))
+        self.sampler = sampler
+        self.on_text = on_text
+        self.read = 0  # prompt tokens already in the KV cache
+        self.next_token: int | None = None  # sampled, to be decoded at the next step
+        self.output_index = -1  # where this sequence's logits are in the last batch
+        self.text = ""
+        self.emitted = 0  # characters of `text` already given to on_text
+        self.completion = 0
+        self.finish_reason: str | None = None
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.read < len(self.tokens)
+
+    def generation(self) -> Generation:
+        """What the sequence produced (so far, if it has not finished)."""
+        return Generation(
+            self.text, len(self.tokens), self.completion, self.finish_reason or "aborted"
+        )
+
+    def add_text(self, piece: bytes) -> bool:
+        """Append one token's bytes; True when a stop string ended the text."""
+        self.text += self._decoder.decode(piece)
+        cut = _first_stop(self.text, self.stops, self.emitted)
+        if cut is not None:
+            self.text = self.text[:cut]
+            return True
+        if self.on_text is not None:
+            # Hold back a tail that could still become a stop string.
+            safe = len(self.text) - _stop_prefix_len(self.text, self.stops)
+            if safe > self.emitted:
+                self.on_text(self.text[self.emitted : safe])
+                self.emitted = safe
+        return False
+
+    def flush(self) -> None:
+        """Hand out the text held back (the sequence ended without a stop string there).
+        An incomplete UTF-8 sequence left at a length cut is dropped, not shown as U+FFFD."""
+        if self.on_text is not None and len(self.text) > self.emitted:
+            self.on_text(self.text[self.emitted :])
+            self.emitted = len(self.text)
+
+
 class Engine:
-    """One loaded model."""
+    """One loaded model, serving up to `parallel` sequences at once."""
 
     def __init__(
         self,
@@ -140,47 +265,271 @@ class Engine:
         gpu_layers: int = 0,
         context: int = DEFAULT_CONTEXT,
         threads: int | None = None,
+        parallel: int | None = None,
     ) -> None:
         self.model = model
         threads = threads or os.cpu_count() or 1
-        try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(model.path),
-                n_gpu_layers=gpu_layers,
-                n_ctx=context,
-                n_threads=threads,
-                n_threads_batch=threads,
-                verbose=False,
+        llama_cpp.llama_backend_init()
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = gpu_layers
+        self._model = llama_cpp.llama_model_load_from_file(str(model.path).encode(), model_params)
+        if not self._model:
+            raise EngineError(f"cannot load model {model.path}: llama.cpp could not read it")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        if parallel is None:
+            on_gpu = gpu_layers != 0 and gpu_offload_supported()
+            parallel = choose_parallel(
+                self.kv_bytes_per_token(), context, on_gpu, _free_memory(on_gpu)
             )
-        except (ValueError, RuntimeError) as e:
-            raise EngineError(f"cannot load model {model.path}: {e}") from e
-        self.context = self.llm.n_ctx()
-        self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self.parallel = max(1, min(parallel, MAX_PARALLEL))
+        context_params = llama_cpp.llama_context_default_params()
+        context_params.n_ctx = context * self.parallel
+        context_params.n_seq_max = self.parallel
+        # Each sequence owns `context` cells: a job never runs out of room because of others.
+        context_params.kv_unified = False
+        context_params.n_batch = BATCH_TOKENS
+        context_params.n_ubatch = BATCH_TOKENS
+        context_params.n_threads = threads
+        context_params.n_threads_batch = threads
+        context_params.no_perf = True
+        context_params.flash_attn_type = FLASH_ATTENTION
+        self._ctx = llama_cpp.llama_init_from_model(self._model, context_params)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise EngineError(
+                f"cannot load model {model.path}: no room for a context of"
+                f" {context} tokens x {self.parallel} sequences"
+            )
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self.context = llama_cpp.llama_n_ctx_seq(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
+        self._free_ids = list(range(self.parallel - 1, -1, -1))
+        self._running: list[Sequence] = []
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buffer = ctypes.create_string_buffer(256)
+        n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self._end_tokens = [
+            t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t)
+        ]
         self._chat = self._chat_formatter()
 
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache one token of one sequence takes (keys and values in f16)."""
+        n_layer = llama_cpp.llama_model_n_layer(self._model)
+        n_embd = llama_cpp.llama_model_n_embd(self._model)
+        n_head = max(llama_cpp.llama_model_n_head(self._model), 1)
+        n_head_kv = llama_cpp.llama_model_n_head_kv(self._model) or n_head
+        return 2 * n_layer * (n_embd // n_head * n_head_kv) * 2
+
+    def close(self) -> None:
+        """Free the context and the model (the engine cannot be used afterwards)."""
+        for seq in list(self._running):
+            self.abort(seq)
+        if self._ctx:
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            llama_cpp.llama_model_free(self._model)
+            self._ctx = None
+
+    # -- text and tokens -------------------------------------------------------------------
+
     def _chat_formatter(self) -> Jinja2ChatFormatter | None:
-        template = self.llm.metadata.get("tokenizer.chat_template")
+        template = llama_cpp.llama_model_chat_template(self._model, None)
         if not template:
             return None
-        eos_id, bos_id = self.llm.token_eos(), self.llm.token_bos()
-        eos = self.llm.detokenize([eos_id], special=True).decode() if eos_id != -1 else ""
-        bos = self.llm.detokenize([bos_id], special=True).decode() if bos_id != -1 else ""
-        return Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        eos = llama_cpp.llama_vocab_eos(self._vocab)
+        bos = llama_cpp.llama_vocab_bos(self._vocab)
+        return Jinja2ChatFormatter(
+            template=template.decode(errors="replace"),
+            eos_token=self._piece(eos, special=True).decode(errors="replace") if eos != -1 else "",
+            bos_token=self._piece(bos, special=True).decode(errors="replace") if bos != -1 else "",
+        )
 
     @property
     def is_chat(self) -> bool:
         return self._chat is not None
+
+    def _tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        data = text.encode()
+        room = len(data) + 8
+        while True:
+            buffer = (llama_cpp.llama_token * room)()
+            n = llama_cpp.llama_tokenize(
+                self._vocab, data, len(data), buffer, room, add_special, parse_special
+            )
+            if n >= 0:
+                return list(buffer[:n])
+            room = -n
+
+    def _piece(self, token: int, *, special: bool = False) -> bytes:
+        buffer = self._piece_buffer
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, special)
+        if n < 0:
+            buffer = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, -n, 0, special)
+        return buffer.raw[:n]
 
     def prompt_tokens(self, prompt: str) -> tuple[list[int], list[str]]:
         """The tokens the model is given for `prompt`, and the stop strings its format adds."""
         if self._chat is not None:
             formatted = self._chat(messages=[{"role": "user", "content": prompt}])
             stops = formatted.stop if isinstance(formatted.stop, list) else [formatted.stop or ""]
-            tokens = self.llm.tokenize(
-                formatted.prompt.encode(), add_bos=not formatted.added_special, special=True
+            tokens = self._tokenize(
+                formatted.prompt, add_special=not formatted.added_special, parse_special=True
             )
             return tokens, [s for s in stops if s]
-        return self.llm.tokenize(prompt.encode(), add_bos=True, special=False), []
+        return self._tokenize(prompt, add_special=True, parse_special=False), []
+
+    # -- the batch -------------------------------------------------------------------------
+
+    @property
+    def free_slots(self) -> int:
+        """How many more sequences `admit` takes now."""
+        return len(self._free_ids)
+
+    @property
+    def running(self) -> int:
+        """How many sequences are in the batch (reading their prompt or generating)."""
+        return len(self._running)
+
+    def admit(
+        self,
+        prompt: str,
+        params: dict[str, Any],
+        on_text: Callable[[str], None] | None = None,
+    ) -> Sequence:
+        """Give a job a free sequence; it starts at the next `step`.
+
+        Raises EngineError when the prompt does not fit the context, and RuntimeError when
+        every sequence is taken (ask `free_slots` first).
+        """
+        if not self._free_ids:
+            raise RuntimeError("every sequence of this engine is taken")
+        tokens, format_stops = self.prompt_tokens(prompt)
+        room = self.context - len(tokens)
+        if room < 1:
+            raise EngineError(
+                f"the prompt is {len(tokens)} tokens; this model's context holds {self.context}"
+            )
+        seq = Sequence(
+            self._free_ids.pop(),
+            tokens,
+            params,
+            [*params.get("stop", []), *format_stops],
+            min(params["max_tokens"], room),
+            self._sampler(params),
+            on_text,
+        )
+        self._running.append(seq)
+        return seq
+
+    def _sampler(self, params: dict[str, Any]) -> Any:
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        temperature = params["temperature"]
+        if temperature <= 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+            return chain
+        seed = params.get("seed")
+        if seed is None:
+            seed = secrets.randbelow(2**32 - 1)  # 2**32 - 1 means "random" to llama.cpp
+        for sampler in (
+            llama_cpp.llama_sampler_init_top_k(TOP_K),
+            llama_cpp.llama_sampler_init_top_p(params["top_p"], 1),
+            llama_cpp.llama_sampler_init_min_p(MIN_P, 1),
+            llama_cpp.llama_sampler_init_temp(temperature),
+            llama_cpp.llama_sampler_init_dist(seed),
+        ):
+            llama_cpp.llama_sampler_chain_add(chain, sampler)
+        return chain
+
+    def step(self) -> list[Sequence]:
+        """Decode one token of every generating sequence and a chunk of prompts; returns the
+        sequences that finished (their KV cells are free again).
+
+        Raises EngineError when llama.cpp fails the decode; the sequences in the batch are
+        then in an unknown state and the caller should `abort` them all.
+        """
+        batch = self._batch
+        n = 0
+        sampled: list[Sequence] = []
+        for seq in self._running:
+            if seq.next_token is not None:
+                n = self._add(n, seq.next_token, len(seq.tokens) + seq.completion - 1, seq, True)
+                seq.next_token = None
+                seq.output_index = n - 1
+                sampled.append(seq)
+        for seq in self._running:
+            if n == BATCH_TOKENS:
+                break
+            if not seq.prefilling:
+                continue
+            chunk = seq.tokens[seq.read : seq.read + BATCH_TOKENS - n]
+            for offset, token in enumerate(chunk):
+                n = self._add(n, token, seq.read + offset, seq, False)
+            seq.read += len(chunk)
+            if not seq.prefilling:
+                batch.logits[n - 1] = 1
+                seq.output_index = n - 1
+                sampled.append(seq)
+        if n == 0:
+            return []
+        batch.n_tokens = n
+        status = llama_cpp.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise EngineError(f"llama_decode failed ({status}) on a batch of {n} tokens")
+        finished = []
+        for seq in sampled:
+            self._advance(seq)
+            if seq.finished:
+                finished.append(seq)
+        for seq in finished:
+            self._free(seq)
+        return finished
+
+    def _add(self, n: int, token: int, position: int, seq: Sequence, logits: bool) -> int:
+        batch = self._batch
+        batch.token[n] = token
+        batch.pos[n] = position
+        batch.n_seq_id[n] = 1
+        batch.seq_id[n][0] = seq.seq_id
+        batch.logits[n] = logits
+        return n + 1
+
+    def _advance(self, seq: Sequence) -> None:
+        """Sample the sequence's next token and take it (or end the sequence)."""
+        if seq.ignore_eos or seq.completion < seq.min_tokens:
+            logits = llama_cpp.llama_get_logits_ith(self._ctx, seq.output_index)
+            for token in self._end_tokens:
+                logits[token] = -float("inf")
+        token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, seq.output_index)
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            seq.finish_reason = "stop"
+            seq.flush()
+            return
+        seq.completion += 1
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self._piece(token)
+        if seq.add_text(piece):
+            seq.finish_reason = "stop"
+        elif seq.completion >= seq.max_tokens:
+            seq.finish_reason = "length"
+            seq.flush()
+        else:
+            seq.next_token = token
+
+    def abort(self, seq: Sequence) -> Generation:
+        """Take a sequence out of the batch now (cancelled, shut down, or a failed step)."""
+        if seq in self._running:
+            seq.finish_reason = seq.finish_reason or "aborted"
+            self._free(seq)
+        return seq.generation()
+
+    def _free(self, seq: Sequence) -> None:
+        self._running.remove(seq)
+        llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
+        llama_cpp.llama_sampler_free(seq.sampler)
+        self._free_ids.append(seq.seq_id)
 
     def generate(
         self,
@@ -189,65 +538,18 @@ class Engine:
         should_stop: Callable[[], bool] = lambda: False,
         on_text: Callable[[str], None] | None = None,
     ) -> Generation:
-        """Run one prompt with the job's params; `on_text` receives the text as it grows.
-
-        The loop is ours rather than `create_completion`'s: it decodes each token once
-        (create_completion re-decodes the whole completion at every token), counts tokens
-        exactly, and checks `should_stop` between tokens.
-        """
-        tokens, format_stops = self.prompt_tokens(prompt)
-        room = self.context - len(tokens)
-        if room < 1:
-            raise EngineError(
-                f"the prompt is {len(tokens)} tokens; this model's context holds {self.context}"
-            )
-        max_tokens = min(params["max_tokens"], room)
-        stops = [*params.get("stop", []), *format_stops]
-        seed = params.get("seed")
-        self.llm.set_seed(seed if seed is not None else secrets.randbits(32))
-        # Read the whole prompt afresh: reusing the cache of a shared prefix gives slightly
-        # different logits (other batch shapes), so the same seeded request would not always
-        # give the same text.
-        self.llm.reset()
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        text = ""
-        emitted = 0  # characters of `text` already given to on_text
-        completion = 0
-        finish_reason = "length"
-        for token in self.llm.generate(
-            tokens,
-            top_k=40,
-            top_p=params["top_p"],
-            min_p=0.05,
-            temp=params["temperature"],
-            repeat_penalty=1.0,
-        ):
-            if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                finish_reason = "stop"
-                break
-            completion += 1
-            text += decoder.decode(self.llm.detokenize([token]))
-            cut = _first_stop(text, stops, emitted)
-            if cut is not None:
-                text = text[:cut]
-                finish_reason = "stop"
-                decoder.reset()
-                break
-            if on_text is not None:
-                # Hold back a tail that could still become a stop string.
-                safe = len(text) - _stop_prefix_len(text, stops)
-                if safe > emitted:
-                    on_text(text[emitted:safe])
-                    emitted = safe
-            if completion >= max_tokens:
-                break
+        """Run one prompt to its end on its own (for tools and checks; the miner loop batches
+        jobs with `admit` and `step`). `should_stop` is asked before every step."""
+        seq = self.admit(prompt, params, on_text)
+        while not seq.finished:
             if should_stop():
-                finish_reason = "aborted"
-                break
-        # An incomplete UTF-8 sequence left at a length cut is dropped, not shown as U+FFFD.
-        if on_text is not None and len(text) > emitted:
-            on_text(text[emitted:])
-        return Generation(text, len(tokens), completion, finish_reason)
+                return self.abort(seq)
+            try:
+                self.step()
+            except EngineError:
+                self.abort(seq)
+                raise
+        return seq.generation()
 
 
 def _first_stop(text: str, stops: list[str], start: int) -> int | None:

@@ -34,6 +34,7 @@ from aitbc_node.schemas import (
     CompleteJob,
     FailJob,
     JobParams,
+    MinerRequest,
     MinerSignature,
     ProgressReport,
     SubmitJob,
@@ -57,6 +58,23 @@ IDEMPOTENCY_KEY_MS = 24 * 3600 * 1000
 MAX_FAULTS = 2
 
 
+# Pending jobs take turns by client, so one client cannot hold every slot while others wait:
+# a job's turn is its place in its client's own queue plus the jobs that client has running
+# now; the lowest turn goes first, the oldest among equals. A client with 20 jobs queued and
+# another with 1 get the first and second slots, then turns alternate.
+_PENDING_WITH_TURN = (
+    "SELECT seq, row_number() OVER (PARTITION BY client ORDER BY seq)"
+    " + (SELECT count(*) FROM jobs AS running WHERE running.client = pending.client"
+    " AND running.status = 'running') AS turn"
+    " FROM jobs AS pending WHERE status = 'pending'"
+    " AND served_model IN (SELECT value FROM json_each(:caps))"
+)
+PENDING_IN_TURN = (
+    f"SELECT jobs.* FROM jobs JOIN ({_PENDING_WITH_TURN}) AS t USING (seq)"
+    " ORDER BY t.turn, t.seq LIMIT :limit"
+)
+
+
 def new_job_id() -> str:
     return f"job-{secrets.token_hex(8)}"
 
@@ -73,6 +91,11 @@ def job_params(params: JobParams | None, limits: Limits) -> dict[str, Any]:
             f"params.max_tokens: this node allows at most {limits.max_tokens}",
             error_code="INVALID_PARAMS",
         )
+    if params.min_tokens > max_tokens:
+        raise BadRequest(
+            f"params.min_tokens: {params.min_tokens} is more than max_tokens ({max_tokens})",
+            error_code="INVALID_PARAMS",
+        )
     stop = [params.stop] if isinstance(params.stop, str) else list(params.stop)
     return {
         "max_tokens": max_tokens,
@@ -80,6 +103,8 @@ def job_params(params: JobParams | None, limits: Limits) -> dict[str, Any]:
         "top_p": params.top_p,
         "seed": params.seed,
         "stop": stop,
+        "ignore_eos": params.ignore_eos,
+        "min_tokens": params.min_tokens,
     }
 
 
@@ -367,12 +392,12 @@ class Jobs:
     # -- miners --------------------------------------------------------------------------
 
     def available(self, principal: Principal, miner_id: str | None, limit: int = 10) -> dict:
-        """Pending jobs for the models `miner_id` registered, oldest first."""
+        """Pending jobs for the models `miner_id` registered, in turn by client (see
+        `PENDING_IN_TURN`)."""
         miner = self.miners.require_registered(principal, miner_id)
         rows = self.store.read().execute(
-            "SELECT * FROM jobs WHERE status = 'pending' AND served_model IN"
-            " (SELECT value FROM json_each(?)) ORDER BY seq LIMIT ?",
-            (miner["capabilities"], limit),
+            PENDING_IN_TURN,
+            {"caps": miner["capabilities"], "limit": limit},
         )
         return {"jobs": [job_view(r) for r in rows]}
 
@@ -383,13 +408,13 @@ class Jobs:
         return job_view(row)
 
     def claim_as(self, miner_id: str, capabilities_json: str, job_id: str | None) -> Row:
-        """Claim `job_id`, or with None the oldest job for these models (NotFound if none)."""
+        """Claim `job_id`, or with None the next job in turn for these models (NotFound if
+        none)."""
         now = now_ms()
         target = (
             "job_id = :job_id"
             if job_id is not None
-            else "seq = (SELECT seq FROM jobs WHERE status = 'pending' AND served_model IN"
-            " (SELECT value FROM json_each(:caps)) ORDER BY seq LIMIT 1)"
+            else f"seq = (SELECT seq FROM ({PENDING_IN_TURN}))"
         )
         with self.store.write(durable=False) as db:
             row = db.one(
@@ -403,6 +428,7 @@ class Jobs:
                     "now": now,
                     "lease": now + self.rules.lease_ms,
                     "caps": capabilities_json,
+                    "limit": 1,
                 },
             )
             if row is None:
@@ -472,6 +498,14 @@ class Jobs:
             job_id, report.miner_id, error=report.error[:4000], error_code="MINER_ERROR"
         )
         return job_view(row)
+
+    def hand_back(self, principal: Principal, job_id: str, report: MinerRequest) -> dict[str, Any]:
+        """A remote miner gives a claimed job back to the queue, uncounted (it is shutting
+        down): the job is pending again, for any miner."""
+        self.miners.require_registered(principal, report.miner_id)
+        if not self.release(job_id, report.miner_id):
+            self._explain(self.store.read(), job_id, report.miner_id, action="release")
+        return self.peek(job_id)
 
     def finish(
         self,
@@ -640,11 +674,7 @@ class Jobs:
 
     def oldest_claimable(self, capabilities_json: str) -> str | None:
         """The id of the job a claim for these models takes next (the one it failed on)."""
-        row = self.store.read().one(
-            "SELECT job_id FROM jobs WHERE status = 'pending' AND served_model IN"
-            " (SELECT value FROM json_each(?)) ORDER BY seq LIMIT 1",
-            (capabilities_json,),
-        )
+        row = self.store.read().one(PENDING_IN_TURN, {"caps": capabilities_json, "limit": 1})
         return row["job_id"] if row else None
 
     def _poison(

@@ -233,6 +233,14 @@ def m006_job_faults(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE jobs ADD COLUMN faults INTEGER NOT NULL DEFAULT 0")
 
 
+@migration
+def m007_job_queue_indexes(db: sqlite_utils.Database) -> None:
+    # Claims and offers look up pending jobs by model and take turns by client, counting each
+    # client's running jobs: without these, every claim scanned the whole jobs table.
+    db.execute("CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, served_model, seq)")
+    db.execute("CREATE INDEX IF NOT EXISTS jobs_by_client_status ON jobs (client, status)")
+
+
 def apply(path: Path) -> list[str]:
     """Bring the database at `path` up to the newest schema; return the migrations that ran."""
     import sqlite_utils

@@ -1,239 +1,304 @@
-"""The built-in miner: a thread in the node's process that serves jobs with llama.cpp.
+"""The miner loop: one loop, over the batched engine, for the built-in miner and remote ones.
 
-It claims work straight from the store (no HTTP between the two), learns of new work from the
-in-process signal rather than by polling, renews its leases from a heartbeat thread while it
-generates, and stops a generation within one token when the job is cancelled or the node shuts
-down. On shutdown the job in hand goes back to the queue uncounted.
+A `MinerLoop` keeps each engine's batch full. It claims jobs from its `JobSource` up to the
+number of free sequences, admits them into their model's engine, steps every engine that has
+work (one `llama_decode` for all of its sequences), and settles each job that finishes with
+the source. The built-in miner and `aitbc-node miner` differ only in their source: the store in
+this process (`store_source.StoreSource`) or the Coordinator API over HTTP
+(`coordinator_source.CoordinatorSource`).
 
-No job can stop it. Whatever serving or recording a job raises ends that job, not the miner:
-a full disk hands the job back to the queue and the miner waits for space (backing off); any
-other error counts a fault against the job, which is retried once and then failed
-`POISON_JOB`. Its threads are supervised (`background.Supervised`), so even an error outside
-a job restarts the loop after a backoff, and `/api/health` says `stopped`, and why, meanwhile.
+A heartbeat thread renews the lease of every job held, and marks lost any job the source no
+longer lets this miner hold (cancelled, or its lease was taken); the loop drops a lost job at
+the next token and records nothing for it. A job whose settling raises is handed to the
+source's `fault` (the built-in miner retries it once, then fails it `POISON_JOB`; the
+remote one fails it), never past the loop. On shutdown the loop either finishes what it holds
+and takes nothing more (`drain`), or cuts every generation short and hands each job back to
+the queue uncounted (`stop`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-from typing import Any
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from aitbc_node.background import Backoff, Supervised, describe, log_failure
-from aitbc_node.engine import Engine, Generation
-from aitbc_node.errors import ApiError, StorageFull
-from aitbc_node.jobs import Jobs
-from aitbc_node.miners import Miners
-from aitbc_node.signals import Signals
-from aitbc_node.store import Row
+from aitbc_node.background import describe
+from aitbc_node.engine import Engine, EngineError, Generation, Sequence
 
 log = logging.getLogger("aitbc_node.miner")
 
-# However the signal behaves, an idle miner looks at the queue at least this often.
-IDLE_RECHECK_SECONDS = 5.0
+# How long an idle loop waits for work before it looks again (the source may wake it sooner).
+IDLE_WAIT_SECONDS = 30.0
 
 
-class BuiltinMiner:
-    """Serves pending jobs for its models, one at a time, in a background thread."""
+class StopNow(Exception):
+    """Raised (by a signal handler) to end an idle miner's wait for work at once."""
 
-    def __init__(
-        self,
-        miner_id: str,
-        engines: dict[str, Engine],
-        gpu_info: dict[str, Any],
-        jobs: Jobs,
-        miners: Miners,
-        signals: Signals,
-    ) -> None:
-        self.miner_id = miner_id
+
+@dataclass(eq=False)
+class HeldJob:
+    """A job this miner has claimed and not yet settled."""
+
+    job_id: str
+    model: str
+    prompt: str
+    params: dict[str, Any]
+    lease_seconds: float
+    # Set when the job is no longer this miner's to finish (cancelled, lease lost).
+    lost: threading.Event = field(default_factory=threading.Event)
+    sequence: Sequence | None = None
+
+
+class JobSource(Protocol):
+    """Where a miner's jobs come from and where their results go."""
+
+    def register(self, models: list[str]) -> None:
+        """Tell the node this miner serves `models`."""
+
+    def wait_for_work(self, timeout: float) -> None:
+        """Block until work may be waiting, at most `timeout` seconds (used when idle)."""
+
+    def claim(self, free: dict[str, int]) -> list[HeldJob]:
+        """Claim pending jobs, at most `free[model]` for each model, without waiting."""
+
+    def progress(self, job: HeldJob, text: str) -> None:
+        """Text the job produced since the last call (for streams)."""
+
+    def flush(self) -> None:
+        """Send any progress held back (called once per step)."""
+
+    def complete(self, job: HeldJob, generation: Generation, model_sha256: str) -> None:
+        """Record the job's result."""
+
+    def fail(self, job: HeldJob, reason: str) -> None:
+        """Record that the engine could not run the job."""
+
+    def fault(self, job: HeldJob, error: Exception) -> None:
+        """Something other than the engine broke while serving the job."""
+
+    def hand_back(self, job: HeldJob) -> None:
+        """Put the job back in the queue, uncounted (shutdown)."""
+
+    def renew(self, jobs: list[HeldJob]) -> float:
+        """Renew the leases of `jobs`, setting `lost` on any no longer held; returns the
+        lease's length in seconds."""
+
+    def forget(self, job: HeldJob) -> None:
+        """The loop is done with the job (whatever became of it)."""
+
+
+class MinerLoop:
+    """Serves a source's jobs on `engines` (model name -> engine), many at once."""
+
+    def __init__(self, source: JobSource, engines: dict[str, Engine]) -> None:
+        self.source = source
         self.engines = engines
-        self.gpu_info = gpu_info
-        self.jobs = jobs
-        self.miners = miners
-        self.signals = signals
-        self.current_job: str | None = None
         self.jobs_done = 0
-        self.failures = 0  # claims or jobs in a row that failed for want of space, or a fault
-        self._capabilities = json.dumps(sorted(engines))
-        self._stop = threading.Event()
-        self._busy = threading.Event()
-        # Waits after a full disk or a job that broke the loop, reset by a job that went well.
-        self._backoff = Backoff()
-        self._loop = Supervised("builtin-miner", self._run, stop_event=self._stop)
-        self._heartbeat = Supervised(
-            "builtin-miner-heartbeat", self._renew_leases, stop_event=self._stop
-        )
+        self.held: dict[str, HeldJob] = {}
+        self._held_lock = threading.Lock()
+        self._claiming = False
+        self._draining = threading.Event()  # finish what is held, claim nothing more
+        self._stopping = threading.Event()  # cut every generation short, hand jobs back
+        self._heartbeat_wakeup = threading.Event()
 
     @property
-    def state(self) -> str:
-        """`busy`, `idle`, or `stopped` (shut down, or its thread died and awaits restart)."""
-        if self._stop.is_set() or not self._loop.running:
-            return "stopped"
-        return "busy" if self.current_job else "idle"
+    def parallel(self) -> int:
+        """How many jobs the loop serves at once, over all its models."""
+        return sum(engine.parallel for engine in self.engines.values())
 
-    def status(self) -> dict[str, Any]:
-        """The miner loop's supervision report (state, reason, last error, restarts)."""
-        out = self._loop.status()
-        heartbeat = self._heartbeat.status()
-        if out["state"] == "running" and heartbeat["state"] != "running":
-            out = {**heartbeat, "reason": f"lease heartbeat: {heartbeat.get('reason')}"}
-        if out["state"] == "running" and self.failures:
-            out["state"] = "retrying"
-        out["failures"] = self.failures
-        return out
+    @property
+    def busy(self) -> bool:
+        """Whether a job is held, or being claimed."""
+        return bool(self.held) or self._claiming
 
-    def start(self) -> None:
-        """Register with the node and start serving."""
-        # In the order given on the command line: the first is the node's default model.
-        self.miners.register_builtin(self.miner_id, list(self.engines), self.gpu_info)
-        # Receipts name each model file's SHA-256; hash the files now, beside the first jobs,
-        # rather than making the first completion wait for it.
-        threading.Thread(target=self._hash_models, name="model-hash", daemon=True).start()
-        self._loop.start()
-        self._heartbeat.start()
+    def held_ids(self) -> list[str]:
+        """The ids of the jobs held now, oldest claim first."""
+        with self._held_lock:
+            return list(self.held)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop serving: a generation in progress is cut short and its job requeued."""
-        self._stop.set()
-        self.signals.work_available()
-        self._busy.set()
-        for thread in (self._loop, self._heartbeat):
-            thread.join(timeout)
+    def drain(self) -> None:
+        """Finish the jobs held, take no more, then return from `run`."""
+        self._draining.set()
 
-    def _hash_models(self) -> None:
-        for engine in self.engines.values():
-            _ = engine.model.sha256
+    def stop(self) -> None:
+        """Cut every generation short, hand every held job back, and return from `run`."""
+        self._draining.set()
+        self._stopping.set()
+        self._heartbeat_wakeup.set()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            seen = self.signals.work_generation
-            try:
-                row = self.jobs.claim_as(self.miner_id, self._capabilities, None)
-            except StorageFull as e:
-                self._pause(e, "claiming a job")
-                continue
-            except ApiError:
-                self.failures = 0  # the store answered: nothing to do, nothing wrong
-                self.signals.wait_for_work(seen, IDLE_RECHECK_SECONDS)
-                continue
-            except Exception as e:
-                # Most likely the job itself (a row that cannot be read back): count it
-                # against that job, so it cannot block the queue for good.
-                self._fault_claim(e)
-                self._pause(e, "claiming a job")
-                continue
-            self._serve(row)
-
-    def _pause(self, error: Exception, what: str) -> None:
-        """Note the error for the health report and wait (longer each time in a row)."""
-        delay = self._backoff.next()
-        self.failures += 1
-        self._loop.note_error(describe(error))
-        log_failure(f"built-in miner: {what}", error, delay)
-        self._stop.wait(delay)
-
-    def _serve(self, row: Row) -> None:
-        job_id = row["job_id"]
-        cancelled = self.signals.watch_cancel(job_id)
-        self.current_job = job_id
-        self._busy.set()
+    def run(self) -> None:
+        """Serve until `drain` (and the batch is empty) or `stop`. Whatever the loop holds
+        when it returns or raises goes back to the queue."""
+        ended = threading.Event()
+        heartbeat = threading.Thread(
+            target=self._renew_leases, args=(ended,), name="miner-heartbeat", daemon=True
+        )
+        heartbeat.start()
         try:
-            self._work(row, cancelled)
-        except StorageFull as e:
-            # The node's fault, not the job's: hand the job back, then wait for space.
-            self._hand_back(job_id)
-            self._pause(e, f"recording job {job_id}")
-        except Exception as e:
-            # Anything else counts against the job: retried once, then failed POISON_JOB.
-            self._fault(job_id, e)
-            self._pause(e, f"serving job {job_id}")
-        else:
-            self.failures = 0
-            self._backoff.reset()
+            self.source.register(list(self.engines))
+            announced = False
+            while not self._stopping.is_set():
+                if self._draining.is_set() and not self.held:
+                    return
+                if self._draining.is_set() and not announced:
+                    announced = True
+                    log.warning(
+                        "stopping: finishing the %d jobs in hand (stop again to hand them back)",
+                        len(self.held),
+                    )
+                if not self._draining.is_set():
+                    self._fill()
+                self._drop_lost()
+                for engine in self.engines.values():
+                    if engine.running and not self._stopping.is_set():
+                        self._step(engine)
+                self.source.flush()
         finally:
-            self.signals.unwatch_cancel(job_id)
-            self.current_job = None
-            self._busy.clear()
-            self.jobs_done += 1
+            self._hand_back_all()
+            ended.set()
+            self._heartbeat_wakeup.set()
+            heartbeat.join(timeout=5)
 
-    def _hand_back(self, job_id: str) -> None:
-        try:
-            self.jobs.release(job_id, self.miner_id)
-        except Exception as e:
-            # Its lease runs out without heartbeats, and the lease reaper requeues it.
-            log.warning("job %s not handed back (%s); its lease will requeue it", job_id, e)
-
-    def _fault(self, job_id: str, error: Exception) -> None:
-        try:
-            status = self.jobs.record_fault(job_id, self.miner_id, describe(error))
-        except Exception as e:
-            log.warning("fault of job %s not recorded (%s); its lease will requeue it", job_id, e)
+    def _fill(self) -> None:
+        free = {name: e.free_slots for name, e in self.engines.items() if e.free_slots}
+        if not free:
             return
-        if status == "failed":
-            log.warning("job %s failed POISON_JOB: it broke the built-in miner again", job_id)
-        elif status == "pending":
-            log.warning("job %s goes back to the queue for one more try", job_id)
-
-    def _fault_claim(self, error: Exception) -> None:
-        try:
-            job_id = self.jobs.oldest_claimable(self._capabilities)
-        except Exception as e:
-            log.warning("cannot tell which job a failed claim was for: %s", e)
-            return
-        if job_id is not None:
-            self._fault(job_id, error)
-
-    def _work(self, row: Row, cancelled: threading.Event) -> None:
-        """Generate the job's text and record the outcome; raises what recording raised."""
-        job_id = row["job_id"]
-        engine = self.engines[row["served_model"]]
-        try:
-            generation = engine.generate(
-                row["prompt"],
-                json.loads(row["params"]),
-                should_stop=lambda: cancelled.is_set() or self._stop.is_set(),
-                on_text=lambda text: self.signals.text_generated(job_id, text),
-            )
-        except Exception as e:
-            log.warning("job %s failed in the engine: %s", job_id, e)
-            self._record(job_id, error=f"{type(e).__name__}: {e}", error_code="ENGINE_ERROR")
-        else:
-            self._settle(job_id, generation, cancelled.is_set(), engine.model.sha256)
-
-    def _settle(
-        self, job_id: str, generation: Generation, cancelled: bool, model_sha256: str
-    ) -> None:
-        if cancelled:
-            log.info("job %s was cancelled after %d tokens", job_id, generation.completion_tokens)
-        elif generation.finish_reason == "aborted":
-            self.jobs.release(job_id, self.miner_id)
-            log.info("job %s handed back to the queue at shutdown", job_id)
-        else:
-            self._record(
-                job_id,
-                result=generation.text,
-                prompt_tokens=generation.prompt_tokens,
-                completion_tokens=generation.completion_tokens,
-                model_sha256=model_sha256,
-            )
-
-    def _record(self, job_id: str, **outcome: Any) -> None:
-        try:
-            self.jobs.finish(job_id, self.miner_id, **outcome)
-        except StorageFull:
-            raise
-        except ApiError as e:
-            # Cancelled (or otherwise ended) between the last token and this write.
-            log.info("job %s not recorded: %s", job_id, e.detail)
-
-    def _renew_leases(self) -> None:
-        interval = max(self.jobs.rules.lease_seconds / 3, 0.05)
-        while not self._stop.is_set():
-            self._busy.wait()
-            if self._stop.wait(interval):
+        if not self.held:
+            self.source.wait_for_work(IDLE_WAIT_SECONDS)
+            if self._draining.is_set():
                 return
-            if self.current_job is not None:
-                try:
-                    self.jobs.renew_leases(self.miner_id)
-                except Exception as e:
-                    log_failure("built-in miner: renewing leases", e, interval)
+        self._claiming = True
+        try:
+            claimed = self.source.claim(free)
+            for job in claimed:
+                self._admit(job)
+        finally:
+            self._claiming = False
+        if claimed:
+            self._heartbeat_wakeup.set()
+
+    def _admit(self, job: HeldJob) -> None:
+        engine = self.engines[job.model]
+        with self._held_lock:
+            self.held[job.job_id] = job
+        try:
+            job.sequence = engine.admit(
+                job.prompt, job.params, on_text=lambda text: self.source.progress(job, text)
+            )
+        except EngineError as e:
+            log.warning("job %s cannot run: %s", job.job_id, e)
+            self._settle(job, self.source.fail, job, f"{type(e).__name__}: {e}")
+        except Exception as e:
+            self._settle(job, self.source.fault, job, e)
+
+    def _step(self, engine: Engine) -> None:
+        try:
+            finished = engine.step()
+        except EngineError as e:
+            # The batch is in an unknown state: end every job in it.
+            log.error("the engine failed a step: %s", e)
+            for job in self._jobs_of(engine):
+                engine.abort(job.sequence)  # type: ignore[arg-type]
+                self._settle(job, self.source.fault, job, e)
+            return
+        for sequence in finished:
+            job = self._job_of(sequence)
+            if job is None:
+                continue
+            if job.lost.is_set():
+                self._drop(job)
+                continue
+            generation = sequence.generation()
+            self._settle(job, self.source.complete, job, generation, engine.model.sha256)
+
+    def _jobs_of(self, engine: Engine) -> list[HeldJob]:
+        with self._held_lock:
+            return [j for j in self.held.values() if self.engines[j.model] is engine and j.sequence]
+
+    def _job_of(self, sequence: Sequence) -> HeldJob | None:
+        with self._held_lock:
+            for job in self.held.values():
+                if job.sequence is sequence:
+                    return job
+        return None
+
+    def _drop_lost(self) -> None:
+        for job_id in self.held_ids():
+            job = self.held.get(job_id)
+            if job is not None and job.lost.is_set():
+                self._drop(job)
+
+    def _drop(self, job: HeldJob) -> None:
+        """The job is not this miner's any more: stop it and record nothing."""
+        tokens = 0
+        if job.sequence is not None:
+            tokens = self.engines[job.model].abort(job.sequence).completion_tokens
+        log.info("job %s was cancelled after %d tokens (or its lease was lost)", job.job_id, tokens)
+        self._release(job)
+
+    def _settle(self, job: HeldJob, record: Callable[..., None], *args: Any) -> None:
+        """Record a job's outcome with the source (`record(*args)`); whatever that raises is
+        the job's fault."""
+        try:
+            record(*args)
+        except Exception as e:
+            log.warning("job %s: recording its outcome failed: %s", job.job_id, describe(e))
+            try:
+                self.source.fault(job, e)
+            except Exception as again:
+                log.warning("job %s: fault not recorded (%s)", job.job_id, describe(again))
+        self.jobs_done += 1
+        self._release(job)
+
+    def _release(self, job: HeldJob) -> None:
+        with self._held_lock:
+            self.held.pop(job.job_id, None)
+        try:
+            self.source.forget(job)
+        except Exception as e:
+            log.warning("job %s: %s", job.job_id, describe(e))
+
+    def _hand_back_all(self) -> None:
+        for job_id in self.held_ids():
+            job = self.held[job_id]
+            if job.sequence is not None:
+                self.engines[job.model].abort(job.sequence)
+            try:
+                self.source.hand_back(job)
+                log.info("job %s handed back to the queue", job_id)
+            except Exception as e:
+                # Its lease runs out without heartbeats, and the job is requeued then.
+                log.warning("job %s not handed back (%s); its lease will requeue it", job_id, e)
+            self._release(job)
+
+    def _renew_leases(self, ended: threading.Event) -> None:
+        """Renew the held jobs' leases at a third of the lease, from the first claim on."""
+        due: float | None = None  # when the next renewal is due; None while nothing is held
+        while True:
+            wait = 1.0 if due is None else max(due - time.monotonic(), 0.0)
+            self._heartbeat_wakeup.wait(wait)
+            self._heartbeat_wakeup.clear()
+            if ended.is_set():
+                return
+            with self._held_lock:
+                jobs = list(self.held.values())
+            if not jobs:
+                due = None
+                continue
+            period = max(min(job.lease_seconds for job in jobs) / 3, 0.05)
+            if due is None:
+                due = time.monotonic() + period
+                continue
+            if time.monotonic() < due:
+                continue  # woken by a claim: the new job's lease is fresh
+            try:
+                lease_seconds = self.source.renew(jobs)
+                for job in jobs:
+                    job.lease_seconds = lease_seconds
+                period = max(lease_seconds / 3, 0.05)
+            except Exception as e:
+                log.warning("renewing leases failed: %s", describe(e))
+            due = time.monotonic() + period

@@ -53,6 +53,7 @@ class NodeSettings:
     gpu_layers: int | None = None
     context: int = 4096
     threads: int | None = None
+    parallel: int | None = None  # sequences per model; None: chosen from device and memory
     rules: JobRules = field(default_factory=JobRules)
     limits: Limits = field(default_factory=Limits)
     pricing: Pricing = field(default_factory=Pricing)
@@ -133,8 +134,8 @@ class Node:
     def _start_miner(self) -> Any:
         # The engine (llama.cpp) is imported only when a miner runs, so `--no-miner`
         # coordinators and the CLI's other commands start without loading it.
+        from aitbc_node.builtin_miner import BuiltinMiner
         from aitbc_node.engine import Engine, EngineError, default_gpu_layers, device_info
-        from aitbc_node.miner import BuiltinMiner
 
         gpu_layers = self.settings.gpu_layers
         if gpu_layers is None:
@@ -149,6 +150,7 @@ class Node:
                     gpu_layers=gpu_layers,
                     context=self.settings.context,
                     threads=self.settings.threads,
+                    parallel=self.settings.parallel,
                 )
                 for m in self.settings.models
             }
@@ -189,7 +191,9 @@ class Node:
                 "state": self.miner.state,
                 "miner_id": self.miner.miner_id,
                 "models": sorted(self.miner.engines),
-                "current_job": self.miner.current_job,
+                "current_job": next(iter(self.miner.current_jobs), None),
+                "current_jobs": self.miner.current_jobs,
+                "parallel": {name: e.parallel for name, e in self.miner.engines.items()},
                 "gpu_info": self.miner.gpu_info,
             }
             if miner["state"] == "stopped":

