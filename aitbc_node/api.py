@@ -92,6 +92,9 @@ T = TypeVar("T")
 _store_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="api-store")
 
 STREAM_KEEPALIVE_SECONDS = 15.0
+# After a text event, how long a stream gathers text before it sends the next one (the first
+# text goes out at once).
+STREAM_GATHER_SECONDS = 0.05
 # A comment line alone: Litestar's default `data=""` would add an empty `data:` line, which
 # EventSource clients receive as an empty message event.
 KEEP_ALIVE = ServerSentEventMessage(comment="keep-alive", data=None)
@@ -432,6 +435,9 @@ async def job_events(node: Node, job_id: str) -> AsyncIterator[ServerSentEventMe
                 streamed.append(text)
                 sent_chars += len(text)
                 yield ServerSentEventMessage(event="text", data=json.dumps({"text": text}))
+                # Gather the next tokens into one event: an event per token per stream costs
+                # the event loop (and the cores llama.cpp computes on) more than the tokens.
+                await asyncio.sleep(STREAM_GATHER_SECONDS)
                 continue
             job = await in_thread(node.jobs.peek, job_id)
             if job["status"] in TERMINAL:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import heapq
 import logging
 import os
 import platform
@@ -154,7 +155,7 @@ BATCH_TOKENS = 512
 # min_p as llama.cpp's own samplers default it, top_k as llama-cpp-python's generate did.
 TOP_K = 40
 MIN_P = 0.05
-FLASH_ATTENTION = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+FLASH_ATTENTION = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
 
 
 def choose_parallel(kv_bytes_per_token: int, context: int, on_gpu: bool, free_bytes: int) -> int:
@@ -303,7 +304,7 @@ class Engine:
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self.context = llama_cpp.llama_n_ctx_seq(self._ctx)
         self._batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
-        self._free_ids = list(range(self.parallel - 1, -1, -1))
+        self._free_ids = list(range(self.parallel))  # a heap: the lowest id is taken first
         self._running: list[Sequence] = []
         self._pieces: dict[int, bytes] = {}
         self._piece_buffer = ctypes.create_string_buffer(256)
@@ -412,7 +413,7 @@ class Engine:
                 f"the prompt is {len(tokens)} tokens; this model's context holds {self.context}"
             )
         seq = Sequence(
-            self._free_ids.pop(),
+            heapq.heappop(self._free_ids),
             tokens,
             params,
             [*params.get("stop", []), *format_stops],
@@ -450,27 +451,38 @@ class Engine:
         then in an unknown state and the caller should `abort` them all.
         """
         batch = self._batch
+        # Prompt chunks are handed out in the order jobs joined (first come, first read),
+        # from what the generating sequences leave of the batch.
+        room = BATCH_TOKENS - sum(1 for seq in self._running if seq.next_token is not None)
+        chunks: dict[int, int] = {}
+        for seq in self._running:
+            if room == 0:
+                break
+            if seq.next_token is None and seq.prefilling:
+                chunks[seq.seq_id] = min(len(seq.tokens) - seq.read, room)
+                room -= chunks[seq.seq_id]
+        # The batch lists sequences by ascending id: llama.cpp splits a batch for a KV cache
+        # of one stream per sequence into runs of consecutive ids, so this order (and the
+        # lowest free id for each new job) keeps a step to one computation, two when a
+        # prompt chunk is longer than a token.
         n = 0
         sampled: list[Sequence] = []
-        for seq in self._running:
+        for seq in sorted(self._running, key=lambda seq: seq.seq_id):
             if seq.next_token is not None:
                 n = self._add(n, seq.next_token, len(seq.tokens) + seq.completion - 1, seq, True)
                 seq.next_token = None
-                seq.output_index = n - 1
-                sampled.append(seq)
-        for seq in self._running:
-            if n == BATCH_TOKENS:
-                break
-            if not seq.prefilling:
-                continue
-            chunk = seq.tokens[seq.read : seq.read + BATCH_TOKENS - n]
-            for offset, token in enumerate(chunk):
-                n = self._add(n, token, seq.read + offset, seq, False)
-            seq.read += len(chunk)
-            if not seq.prefilling:
+            elif seq.seq_id in chunks:
+                chunk = seq.tokens[seq.read : seq.read + chunks[seq.seq_id]]
+                for offset, token in enumerate(chunk):
+                    n = self._add(n, token, seq.read + offset, seq, False)
+                seq.read += len(chunk)
+                if seq.prefilling:
+                    continue
                 batch.logits[n - 1] = 1
-                seq.output_index = n - 1
-                sampled.append(seq)
+            else:
+                continue
+            seq.output_index = n - 1
+            sampled.append(seq)
         if n == 0:
             return []
         batch.n_tokens = n
@@ -529,7 +541,7 @@ class Engine:
         self._running.remove(seq)
         llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
         llama_cpp.llama_sampler_free(seq.sampler)
-        self._free_ids.append(seq.seq_id)
+        heapq.heappush(self._free_ids, seq.seq_id)
 
     def generate(
         self,
