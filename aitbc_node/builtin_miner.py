@@ -27,6 +27,7 @@ from aitbc_node.jobs import Jobs
 from aitbc_node.miner import HeldJob, MinerLoop
 from aitbc_node.miners import Miners
 from aitbc_node.signals import Signals
+from aitbc_node.store import Row
 
 log = logging.getLogger("aitbc_node.builtin_miner")
 
@@ -100,21 +101,28 @@ class StoreSource:
                 self._fault_claim(e, capabilities)
                 self._pause(e, "claiming a job")
                 break
-            model = row["served_model"]
-            free[model] -= 1
-            if not free[model]:
-                del free[model]
-            claimed.append(
-                HeldJob(
-                    job_id=row["job_id"],
-                    model=model,
-                    prompt=row["prompt"],
-                    params=json.loads(row["params"]),
-                    lease_seconds=self.jobs.rules.lease_seconds,
-                    lost=self.signals.watch_cancel(row["job_id"]),
-                )
-            )
+            try:
+                job = self._held_job(row)
+            except Exception as e:
+                # A row that claims but cannot be served (params that do not parse): its fault.
+                self._record_fault(row["job_id"], e)
+                self._pause(e, f"reading job {row['job_id']}")
+                break
+            free[job.model] -= 1
+            if not free[job.model]:
+                del free[job.model]
+            claimed.append(job)
         return claimed
+
+    def _held_job(self, row: Row) -> HeldJob:
+        return HeldJob(
+            job_id=row["job_id"],
+            model=row["served_model"],
+            prompt=row["prompt"],
+            params=json.loads(row["params"]),
+            lease_seconds=self.jobs.rules.lease_seconds,
+            lost=self.signals.watch_cancel(row["job_id"]),
+        )
 
     def progress(self, job: HeldJob, text: str) -> None:
         self.signals.text_generated(job.job_id, text)
@@ -148,7 +156,11 @@ class StoreSource:
     def fault(self, job: HeldJob, error: Exception) -> None:
         if isinstance(error, StorageFull):
             # The node's fault, not the job's: hand the job back, then wait for space.
-            self.hand_back(job)
+            try:
+                self.hand_back(job)
+            except Exception as e:
+                # Its lease runs out without heartbeats, and the lease reaper requeues it.
+                log.warning("job %s not handed back (%s); its lease will requeue it", job.job_id, e)
             self._pause(error, f"recording job {job.job_id}")
             return
         # Anything else counts against the job: retried once, then failed POISON_JOB.

@@ -98,6 +98,15 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
     submit.add_argument(
         "--stop", action="append", metavar="TEXT", help="stop at TEXT (repeatable, up to 4)"
     )
+    submit.add_argument(
+        "--min-tokens", type=int, help="tokens to generate before end-of-text may end the text"
+    )
+    submit.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        default=None,
+        help="generate through end-of-text, up to --max-tokens (for benchmarks)",
+    )
     submit.add_argument("--wait", action="store_true", help="wait for the job and print it")
     submit.add_argument(
         "--timeout",
@@ -260,6 +269,8 @@ def cmd_submit(client: CoordinatorClient, args: argparse.Namespace) -> int:
         "top_p": args.top_p,
         "seed": args.seed,
         "stop": args.stop,
+        "min_tokens": args.min_tokens,
+        "ignore_eos": args.ignore_eos,
     }
     params = {k: v for k, v in params.items() if v is not None}
     started = time.monotonic()

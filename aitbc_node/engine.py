@@ -147,8 +147,8 @@ def default_gpu_layers() -> int:
     return -1 if gpu_offload_supported() else 0
 
 
-# The most sequences one context holds (llama.cpp's own bound is higher; past this the
-# per-step work of sampling in Python outweighs what another sequence adds).
+# The most sequences one context holds: the largest --parallel accepted (llama.cpp's own
+# bound is higher; each sequence adds a sampling call in Python to every step).
 MAX_PARALLEL = 64
 # Tokens per `llama_decode`: every generating sequence's next token, then prompt chunks.
 BATCH_TOKENS = 512

@@ -674,7 +674,11 @@ class Jobs:
 
     def oldest_claimable(self, capabilities_json: str) -> str | None:
         """The id of the job a claim for these models takes next (the one it failed on)."""
-        row = self.store.read().one(PENDING_IN_TURN, {"caps": capabilities_json, "limit": 1})
+        # The id alone: the rest of the row may be what cannot be read.
+        row = self.store.read().one(
+            f"SELECT job_id FROM jobs WHERE seq = (SELECT seq FROM ({PENDING_IN_TURN}))",
+            {"caps": capabilities_json, "limit": 1},
+        )
         return row["job_id"] if row else None
 
     def _poison(

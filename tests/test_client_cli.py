@@ -113,6 +113,9 @@ def test_submit_params_reach_the_job(node: NodeProcess) -> None:
         "42",
         "--stop",
         "\n\n",
+        "--min-tokens",
+        "3",
+        "--ignore-eos",
         "--json",
         *flags(node),
     )
@@ -125,6 +128,8 @@ def test_submit_params_reach_the_job(node: NodeProcess) -> None:
         "top_p": 0.5,
         "seed": 42,
         "stop": ["\n\n"],
+        "ignore_eos": True,
+        "min_tokens": 3,
     }
     node.wait_for(job["job_id"], ("completed",), timeout=WAIT)
 
