@@ -246,10 +246,6 @@ class BuiltinMiner:
         """The jobs being served now, oldest claim first."""
         return self.loop.held_ids()
 
-    @property
-    def jobs_done(self) -> int:
-        return self.loop.jobs_done
-
     def status(self) -> dict[str, Any]:
         """The miner loop's supervision report (state, reason, last error, restarts)."""
         out = self._thread.status()

@@ -105,11 +105,6 @@ class MinerLoop:
         self._heartbeat_wakeup = threading.Event()
 
     @property
-    def parallel(self) -> int:
-        """How many jobs the loop serves at once, over all its models."""
-        return sum(engine.parallel for engine in self.engines.values())
-
-    @property
     def busy(self) -> bool:
         """Whether a job is held, or being claimed."""
         return bool(self.held) or self._claiming

@@ -187,12 +187,13 @@ class Node:
         }
         if self.miner is not None:
             loops["miner"] = self.miner.status()
+            current_jobs = self.miner.current_jobs
             miner = {
                 "state": self.miner.state,
                 "miner_id": self.miner.miner_id,
                 "models": sorted(self.miner.engines),
-                "current_job": next(iter(self.miner.current_jobs), None),
-                "current_jobs": self.miner.current_jobs,
+                "current_job": next(iter(current_jobs), None),
+                "current_jobs": current_jobs,
                 "parallel": {name: e.parallel for name, e in self.miner.engines.items()},
                 "gpu_info": self.miner.gpu_info,
             }

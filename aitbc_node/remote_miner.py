@@ -62,9 +62,9 @@ class CoordinatorSource:
         self._failures = 0
         self._offered: list[dict[str, Any]] = []
         self._last_poll = 0.0
-        self._pending_text: dict[str, list[str]] = {}
-        self._last_flush: dict[str, float] = {}
-        self._held: dict[str, HeldJob] = {}
+        # Text held back per job until its next report (HeldJob hashes by identity).
+        self._pending_text: dict[HeldJob, list[str]] = {}
+        self._last_flush: dict[HeldJob, float] = {}
 
     def register(self, models: list[str]) -> None:
         self._models = models
@@ -135,32 +135,31 @@ class CoordinatorSource:
         return claimed
 
     def progress(self, job: HeldJob, text: str) -> None:
-        self._held[job.job_id] = job
-        self._pending_text.setdefault(job.job_id, []).append(text)
+        self._pending_text.setdefault(job, []).append(text)
 
     def flush(self) -> None:
         now = time.monotonic()
-        for job_id in list(self._pending_text):
-            if now - self._last_flush.get(job_id, 0.0) >= PROGRESS_INTERVAL_SECONDS:
-                if not self._send_progress(job_id):
-                    self._held[job_id].lost.set()  # cancelled, or another miner has it now
-                self._last_flush[job_id] = now
+        for job in list(self._pending_text):
+            if now - self._last_flush.get(job, 0.0) >= PROGRESS_INTERVAL_SECONDS:
+                self._send_progress(job)
+                self._last_flush[job] = now
 
-    def _send_progress(self, job_id: str) -> bool:
-        """Send the job's held-back text; False when the node says the job is not ours."""
-        pieces = self._pending_text.pop(job_id, None)
+    def _send_progress(self, job: HeldJob) -> None:
+        """Send the job's held-back text; a node that says the job is not ours (cancelled, or
+        another miner has it now) marks it lost."""
+        pieces = self._pending_text.pop(job, None)
         if not pieces:
-            return True
+            return
         try:
-            self.client.report_progress(job_id, self.miner_id, "".join(pieces))
+            self.client.report_progress(job.job_id, self.miner_id, "".join(pieces))
         except CoordinatorError as e:
             if e.status in (403, 409):
-                return False
-            log.warning("progress of job %s not sent: %s", job_id, e.detail)
-        return True
+                job.lost.set()
+            else:
+                log.warning("progress of job %s not sent: %s", job.job_id, e.detail)
 
     def complete(self, job: HeldJob, generation: Generation, model_sha256: str) -> None:
-        self._send_progress(job.job_id)
+        self._send_progress(job)
         result_hash = hash_result(generation.text)
         extra = {
             "usage": {
@@ -214,9 +213,8 @@ class CoordinatorSource:
         return float(answer["lease_seconds"])
 
     def forget(self, job: HeldJob) -> None:
-        self._pending_text.pop(job.job_id, None)
-        self._last_flush.pop(job.job_id, None)
-        self._held.pop(job.job_id, None)
+        self._pending_text.pop(job, None)
+        self._last_flush.pop(job, None)
 
 
 class RemoteMiner:
