@@ -8,6 +8,7 @@ lock or an fsync never stalls the event loop. Every error leaves as
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import re
@@ -24,13 +25,14 @@ from litestar.params import Parameter
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
-from litestar.types import Empty
+from litestar.types import Empty, Message, Scope
 
 from aitbc_node import __version__, keys
 from aitbc_node.edge import PARAMETER_CODES, decode_body, in_words
-from aitbc_node.errors import ApiError
+from aitbc_node.errors import ApiError, Unauthorized
 from aitbc_node.jobs import TERMINAL
 from aitbc_node.keys import Principal
+from aitbc_node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from aitbc_node.receipts import verify_receipt
 from aitbc_node.schemas import (
     ADDRESS_PATTERN,
@@ -130,16 +132,33 @@ def _node(request: Request) -> Node:
     return request.app.state.node
 
 
+def store_pool() -> ThreadPoolExecutor:
+    """The thread pool the handlers do their store work on."""
+    return _store_pool
+
+
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:
     """Run `fn(*args)` on the store's thread pool."""
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(_store_pool, fn, *args)
 
 
-async def authorized(request: Request, fn: Callable[[Principal], T]) -> T:
-    """Authenticate the request's X-Api-Key, then run `fn(principal)` off the event loop."""
-    node = _node(request)
+def request_api_key(request: Request) -> str | None:
+    """The API key the request carries: its X-Api-Key header, else the token of an
+    `Authorization: Bearer` header (as OpenAI's clients send it)."""
     api_key = request.headers.get("x-api-key")
+    if api_key:
+        return api_key
+    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+async def authorized(request: Request, fn: Callable[[Principal], T]) -> T:
+    """Authenticate the request's API key, then run `fn(principal)` off the event loop."""
+    node = _node(request)
+    api_key = request_api_key(request)
 
     def call() -> T:
         principal = keys.authenticate(node.store, api_key)
@@ -422,7 +441,11 @@ async def stream_job(request: Request, job_id: JobId) -> ServerSentEvent:
     return ServerSentEvent(job_events(node, job_id), headers={"Cache-Control": "no-cache"})
 
 
-async def job_events(node: Node, job_id: str) -> AsyncIterator[ServerSentEventMessage]:
+async def follow_job(node: Node, job_id: str) -> AsyncIterator[tuple[str, Any]]:
+    """A job's text as the miner generates it, then its end: `("text", str)` pieces (a late
+    joiner first gets the text so far), `("idle", None)` after STREAM_KEEPALIVE_SECONDS
+    without any, and last `("job", view)` once it has ended (its completed result begins
+    with the text sent, the rest coming as one more piece). Stops early on shutdown."""
     signals = node.signals
     keys_ = (job_key(job_id), progress_key(job_id))
     streamed: list[str] = []
@@ -434,7 +457,7 @@ async def job_events(node: Node, job_id: str) -> AsyncIterator[ServerSentEventMe
             if text:
                 streamed.append(text)
                 sent_chars += len(text)
-                yield ServerSentEventMessage(event="text", data=json.dumps({"text": text}))
+                yield "text", text
                 # Gather the next tokens into one event: an event per token per stream costs
                 # the event loop (and the cores llama.cpp computes on) more than the tokens.
                 await asyncio.sleep(STREAM_GATHER_SECONDS)
@@ -444,18 +467,27 @@ async def job_events(node: Node, job_id: str) -> AsyncIterator[ServerSentEventMe
                 sent = "".join(streamed)
                 result = job["result"] or ""
                 if job["status"] == "completed" and result.startswith(sent) and result != sent:
-                    rest = json.dumps({"text": result[len(sent) :]})
-                    yield ServerSentEventMessage(event="text", data=rest)
-                yield ServerSentEventMessage(event="job", data=json.dumps(job))
+                    yield "text", result[len(sent) :]
+                yield "job", job
                 return
             if signals.waiters.closed:
                 return  # shutting down; the client can reconnect to the next start
             try:
                 await asyncio.wait_for(future, STREAM_KEEPALIVE_SECONDS)
             except TimeoutError:
-                yield KEEP_ALIVE
+                yield "idle", None
         finally:
             signals.waiters.unregister(future, *keys_)
+
+
+async def job_events(node: Node, job_id: str) -> AsyncIterator[ServerSentEventMessage]:
+    async for kind, value in follow_job(node, job_id):
+        if kind == "text":
+            yield ServerSentEventMessage(event="text", data=json.dumps({"text": value}))
+        elif kind == "job":
+            yield ServerSentEventMessage(event="job", data=json.dumps(value))
+        else:
+            yield KEEP_ALIVE
 
 
 # -- miners ------------------------------------------------------------------------------
@@ -662,6 +694,43 @@ async def explorer_page(request: Request) -> str:
     return _node(request).explorer_html()
 
 
+# -- metrics -------------------------------------------------------------------------------
+
+
+@get("/metrics", media_type=METRICS_CONTENT_TYPE, include_in_schema=False)
+async def metrics_page(request: Request) -> Response[bytes]:
+    """Prometheus metrics (`metrics.py`); only with the `--metrics-key` when one is set."""
+    node = public(request)
+    expected = node.settings.metrics_key
+    if expected is not None:
+        given = request_api_key(request)
+        challenge = {"WWW-Authenticate": "Bearer"}
+        if given is None:
+            raise Unauthorized(
+                "/metrics needs the metrics key (--metrics-key): send"
+                " Authorization: Bearer KEY or X-Api-Key: KEY",
+                error_code="MISSING_API_KEY",
+                headers=challenge,
+            )
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise Unauthorized(
+                "that is not the metrics key", error_code="INVALID_API_KEY", headers=challenge
+            )
+    body = await in_thread(node.metrics.render)
+    # As a header: a text/* media type would get a second `charset` appended.
+    return Response(body, headers={"content-type": METRICS_CONTENT_TYPE})
+
+
+async def count_response(message: Message, scope: Scope) -> None:
+    """Count every response for /metrics by method, route template (never the raw path, so
+    the label's values stay few) and status; errors and unknown paths included."""
+    if message["type"] == "http.response.start":
+        node: Node = scope["litestar_app"].state.node
+        node.metrics.http_response(
+            scope.get("method", ""), scope.get("path_template"), message["status"]
+        )
+
+
 def _error(status: int, detail: str, error_code: str, headers: dict[str, str] | None = None):
     return Response(
         {"detail": detail, "error_code": error_code},
@@ -693,7 +762,23 @@ def handle_http_exception(request: Request, exc: HTTPException) -> Response:
         detail, code = _parameter_error(exc)
     elif status == 400 and getattr(exc, "extra", None):
         detail = f"{detail}: {exc.extra}"
+    path = request.url.path
+    if path.startswith("/v1/") and status in (404, 405):
+        if path.split("/")[2] in _coordinator_sections(request.app):
+            detail = f"no such endpoint; the Coordinator API is under /api: /api{path}"
+        else:  # an OpenAI client asked for something the node does not serve
+            from aitbc_node.openai_api import reshape
+
+            return reshape(_error(status, detail, code, exc.headers))
     return _error(status, detail, code, exc.headers)
+
+
+def _coordinator_sections(app: Litestar) -> set[str]:
+    """The first segments of the Coordinator API's /api/v1/... routes (jobs, miners, ...):
+    those under /api/v1 but not also at /v1, where the OpenAI-compatible routes are."""
+    paths = [route.path for route in app.routes]
+    ours = {p.split("/")[3] for p in paths if p.startswith("/api/v1/")}
+    return ours - {p.split("/")[2] for p in paths if p.startswith("/v1/")}
 
 
 def _parameter_error(exc: ValidationException) -> tuple[str, str]:
@@ -723,12 +808,16 @@ OPENAPI_DESCRIPTION = """\
 The AITBC Coordinator API as served by aitbc-node: clients submit LLM jobs, miners claim and
 run them, every completed job yields a signed receipt. Every error is
 `{"detail": ..., "error_code": ...}`; the error codes of each status are listed with it.
-Keyed operations take the `X-Api-Key` header.
+Keyed operations take the `X-Api-Key` header (or `Authorization: Bearer KEY`). The
+OpenAI-compatible routes (`/v1/models`, `/v1/chat/completions`, `/v1/completions`, also under
+`/api/v1`) follow OpenAI's own API reference and are not described here.
 """
 
 
 def create_app(node: Node) -> Litestar:
     """The Litestar application serving `node`."""
+    from aitbc_node.openai_api import openai_router  # it builds on this module's handlers
+
     api = Router(
         path="/api",
         route_handlers=[
@@ -764,6 +853,7 @@ def create_app(node: Node) -> Litestar:
             explorer_receipts,
             explorer_stats,
             explorer_address,
+            openai_router("/v1"),  # the same OpenAI-compatible routes under /api/v1 too
         ],
     )
     cors = None
@@ -772,11 +862,14 @@ def create_app(node: Node) -> Litestar:
         cors = CORSConfig(
             allow_origins=list(node.settings.cors_origins),
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-            allow_headers=["X-Api-Key", "Content-Type"],
-            expose_headers=["Retry-After"],
+            allow_headers=["X-Api-Key", "Authorization", "Content-Type"],
+            expose_headers=["Retry-After", "X-Aitbc-Job-Id", "X-Aitbc-Receipt-Id"],
         )
+    # `--no-metrics`: no route at all, so /metrics is a 404 like any unknown path.
+    metrics = [metrics_page] if node.settings.metrics else []
     app = Litestar(
-        route_handlers=[api, explorer_page],
+        route_handlers=[api, openai_router("/v1"), explorer_page, *metrics],
+        before_send=[count_response],
         request_class=EdgeRequest,
         request_max_body_size=node.limits.max_body_bytes,
         cors_config=cors,

@@ -23,7 +23,7 @@ from typing import Any
 from aitbc_node.background import Backoff, Supervised, describe, log_failure
 from aitbc_node.engine import Engine, Generation
 from aitbc_node.errors import ApiError, StorageFull
-from aitbc_node.jobs import Jobs
+from aitbc_node.jobs import Jobs, job_messages
 from aitbc_node.miner import HeldJob, MinerLoop
 from aitbc_node.miners import Miners
 from aitbc_node.signals import Signals
@@ -120,6 +120,7 @@ class StoreSource:
             model=row["served_model"],
             prompt=row["prompt"],
             params=json.loads(row["params"]),
+            messages=job_messages(row),
             lease_seconds=self.jobs.rules.lease_seconds,
             lost=self.signals.watch_cancel(row["job_id"]),
         )

@@ -60,6 +60,18 @@ def parallel_count(value: str) -> int:
     return count
 
 
+def proxy_network(value: str) -> str:
+    """`--trust-proxy`: an IP network (CIDR) or a single address, normalised."""
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an IP network (e.g. 10.0.0.0/8) or address"
+        ) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aitbc-node",
@@ -81,6 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, default=DEFAULT_PORT, help="port to listen on (%(default)s)"
     )
     add_data_dir(serve)
+    serve.add_argument(
+        "--config",
+        metavar="PATH",
+        help="read serve's settings from this TOML file, keys the flag names (port = 8081); "
+        "default $AITBC_CONFIG, else $XDG_CONFIG_HOME/aitbc-node/config.toml when it exists. "
+        "Every flag can also be set by an AITBC_<FLAG> environment variable (AITBC_PORT); "
+        "precedence: flag > environment > file > default",
+    )
+    serve.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print every setting's effective value and where it came from, then exit",
+    )
     serve.add_argument(
         "--model",
         action="append",
@@ -256,6 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="let browser pages on ORIGIN (e.g. http://localhost:3000) call the API; "
         "repeatable; '*' allows any",
     )
+    serve.add_argument(
+        "--trust-proxy",
+        action="append",
+        default=[],
+        type=proxy_network,
+        metavar="CIDR",
+        help="a reverse proxy's network (repeatable): from a peer inside it, the client "
+        "address (public rate limit, access log) is the right-most X-Forwarded-For address "
+        "not itself trusted; from any other peer the header is ignored",
+    )
     limits_ = ConnectionLimits()
     serve.add_argument(
         "--header-timeout",
@@ -279,6 +314,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="open connections at most; past it a new one is answered 503 "
         "TOO_MANY_CONNECTIONS (%(default)s)",
+    )
+    serve.add_argument(
+        "--metrics-key",
+        metavar="KEY",
+        help="GET /metrics (Prometheus) answers only requests with Authorization: Bearer KEY "
+        "or X-Api-Key: KEY, others 401; without it /metrics is public",
+    )
+    serve.add_argument(
+        "--no-metrics",
+        action="store_true",
+        help="serve no GET /metrics at all (404)",
     )
     add_log_flags(serve, access_log=True)
     serve.set_defaults(run=cmd_serve)
@@ -532,7 +578,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             timeout_seconds=args.webhook_timeout,
         ),
         webhook_allow=args.webhook_allow,
+        trusted_proxies=args.trust_proxy,
+        metrics=not args.no_metrics,
+        metrics_key=args.metrics_key,
     )
+    if args.metrics_key is not None and not args.metrics_key.strip():
+        return fail("--metrics-key must not be empty")
     if min(args.header_timeout, args.keep_alive_timeout) <= 0 or args.max_connections < 1:
         return fail(
             "--header-timeout and --keep-alive-timeout must be above 0, --max-connections >= 1"
@@ -580,6 +631,7 @@ def startup_banner(node: Node, port: int) -> str:
     base = f"http://{shown_host}:{port}"
     lines = [f"aitbc-node {__version__} is running", ""]
     lines.append(f"  API         {base}/api")
+    lines.append(f"  OpenAI      {base}/v1 (base_url for OpenAI clients; the client key below)")
     lines.append(f"  Explorer    {base}/")
     lines.append(f"  Data        {node.data_dir}")
     if node.miner is not None:
@@ -852,7 +904,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "serve")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        # Flags are parsed; options no flag set take their AITBC_* env or config file value.
+        from aitbc_node import settings_sources
+
+        try:
+            resolved = settings_sources.resolve(
+                settings_sources.subparser(parser, "serve"), argv[1:], args
+            )
+        except settings_sources.ConfigError as e:
+            return fail(str(e))
+        if args.print_config:
+            print(resolved.render(args))
+            return 0
     try:
         return args.run(args)
     except StorageFull as e:  # a full disk is the operator's to fix: one line, no traceback

@@ -32,6 +32,7 @@ from aitbc_node import __version__
 from aitbc_node.background import Backoff, Supervised, describe, log_failure
 from aitbc_node.clock import now_ms
 from aitbc_node.destinations import Destination, NotAllowed
+from aitbc_node.metrics import Metrics
 from aitbc_node.store import Row, Store
 from aitbc_node.webhooks import Webhooks, sign
 
@@ -96,9 +97,16 @@ class RetryPolicy:
 class Dispatcher:
     """Delivers webhook events from the outbox."""
 
-    def __init__(self, store: Store, webhooks: Webhooks, policy: RetryPolicy) -> None:
+    def __init__(
+        self,
+        store: Store,
+        webhooks: Webhooks,
+        policy: RetryPolicy,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.store = store
         self.policy = policy
+        self.metrics = metrics if metrics is not None else Metrics()
         self._wake = threading.Condition()
         self._woken = False
         self._stop = threading.Event()
@@ -275,6 +283,7 @@ class Dispatcher:
                 " WHERE event_id = ? AND state = 'pending'",
                 (state, attempt, next_ms, row["event_id"]),
             )
+        self.metrics.webhook_attempt(delivered=delivered, final=state == "failed")
         if not delivered:
             log.info(
                 "webhook %s attempt %d: %s", row["event_id"], attempt, error or f"HTTP {status}"

@@ -41,6 +41,7 @@ MAX_JSON_DEPTH = 32
 # INVALID_BODY. Unknown fields get UNKNOWN_FIELDS (UNKNOWN_PARAMS inside `params`).
 FIELD_CODES = {
     "prompt": "INVALID_PROMPT",
+    "messages": "INVALID_MESSAGES",
     "model": "INVALID_MODEL",
     "params": "INVALID_PARAMS",
     "miner_id": "INVALID_MINER_ID",
@@ -60,7 +61,11 @@ FIELD_CODES = {
 }
 
 # Over-long text gets a code of its own where clients have long known one.
-TOO_LONG_CODES = {"prompt": "PROMPT_TOO_LONG", "result": "RESULT_TOO_LONG"}
+TOO_LONG_CODES = {
+    "prompt": "PROMPT_TOO_LONG",
+    "messages": "PROMPT_TOO_LONG",
+    "result": "RESULT_TOO_LONG",
+}
 
 # The error code for a bad query or path parameter, by its name.
 PARAMETER_CODES = {
@@ -201,17 +206,25 @@ def validation_error(message: str) -> BadRequest:
     if unknown:
         code = "UNKNOWN_PARAMS" if top == "params" else "UNKNOWN_FIELDS"
         where = f"{path}." if path else ""
-        return BadRequest(f"unknown field: {where}{unknown.group(1)}", error_code=code)
+        error = BadRequest(f"unknown field: {where}{unknown.group(1)}", error_code=code)
+        error.param = f"{where}{unknown.group(1)}"
+        return error
     if rule.startswith("Expected `object`") and not path:
         return BadRequest("the body must be a JSON object", error_code="INVALID_BODY")
     missing = re.match(r"^Object missing required field `(.*)`", rule)
     if missing and not path:
         field = missing.group(1)
-        return BadRequest(f"{field} is required", error_code=FIELD_CODES.get(field, "INVALID_BODY"))
+        error = BadRequest(
+            f"{field} is required", error_code=FIELD_CODES.get(field, "INVALID_BODY")
+        )
+        error.param = field
+        return error
     code = FIELD_CODES.get(top, "INVALID_BODY")
     if top in TOO_LONG_CODES and rule.startswith("Expected `str` of length <="):
         code = TOO_LONG_CODES[top]
-    return BadRequest(f"{path or 'body'}: {in_words(rule)}", error_code=code)
+    error = BadRequest(f"{path or 'body'}: {in_words(rule)}", error_code=code)
+    error.param = path or None
+    return error
 
 
 def in_words(rule: str) -> str:

@@ -370,10 +370,16 @@ class Engine:
             n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, -n, 0, special)
         return buffer.raw[:n]
 
-    def prompt_tokens(self, prompt: str) -> tuple[list[int], list[str]]:
-        """The tokens the model is given for `prompt`, and the stop strings its format adds."""
+    def prompt_tokens(
+        self, prompt: str, messages: list[dict[str, str]] | None = None
+    ) -> tuple[list[int], list[str]]:
+        """The tokens the model is given for `prompt` (or for the conversation `messages`,
+        whose plain transcript `prompt` then is), and the stop strings its format adds.
+
+        A chat model gets the conversation, or the prompt as one user turn, through its chat
+        template; a model without one gets the plain text."""
         if self._chat is not None:
-            formatted = self._chat(messages=[{"role": "user", "content": prompt}])
+            formatted = self._chat(messages=messages or [{"role": "user", "content": prompt}])
             stops = formatted.stop if isinstance(formatted.stop, list) else [formatted.stop or ""]
             tokens = self._tokenize(
                 formatted.prompt, add_special=not formatted.added_special, parse_special=True
@@ -398,6 +404,7 @@ class Engine:
         prompt: str,
         params: dict[str, Any],
         on_text: Callable[[str], None] | None = None,
+        messages: list[dict[str, str]] | None = None,
     ) -> Sequence:
         """Give a job a free sequence; it starts at the next `step`.
 
@@ -406,7 +413,7 @@ class Engine:
         """
         if not self._free_ids:
             raise RuntimeError("every sequence of this engine is taken")
-        tokens, format_stops = self.prompt_tokens(prompt)
+        tokens, format_stops = self.prompt_tokens(prompt, messages)
         room = self.context - len(tokens)
         if room < 1:
             raise EngineError(
@@ -549,10 +556,11 @@ class Engine:
         params: dict[str, Any],
         should_stop: Callable[[], bool] = lambda: False,
         on_text: Callable[[str], None] | None = None,
+        messages: list[dict[str, str]] | None = None,
     ) -> Generation:
         """Run one prompt to its end on its own (for tools and checks; the miner loop batches
         jobs with `admit` and `step`). `should_stop` is asked before every step."""
-        seq = self.admit(prompt, params, on_text)
+        seq = self.admit(prompt, params, on_text, messages)
         while not seq.finished:
             if should_stop():
                 return self.abort(seq)

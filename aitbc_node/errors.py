@@ -14,6 +14,8 @@ class ApiError(Exception):
 
     status = 500
     error_code = "INTERNAL_ERROR"
+    # The request field the error is about, where one is (OpenAI's error shape names it).
+    param: str | None = None
 
     def __init__(
         self,
@@ -62,6 +64,11 @@ class Conflict(ApiError):
 class PayloadTooLarge(ApiError):
     status = 413
     error_code = "PAYLOAD_TOO_LARGE"
+
+
+class ServiceUnavailable(ApiError):
+    status = 503
+    error_code = "SERVICE_UNAVAILABLE"
 
 
 class TooManyRequests(ApiError):

@@ -27,6 +27,7 @@ from aitbc_node.errors import (
 )
 from aitbc_node.keys import Principal
 from aitbc_node.ledger import Ledger, balance, client_address, format_ait
+from aitbc_node.metrics import Metrics
 from aitbc_node.miners import Miners
 from aitbc_node.paging import decode_cursor, page
 from aitbc_node.receipts import hash_result
@@ -108,6 +109,18 @@ def job_params(params: JobParams | None, limits: Limits) -> dict[str, Any]:
     }
 
 
+def plain_transcript(messages: list[dict[str, str]]) -> str:
+    """A conversation as plain text, for miners (and models) that know no chat template:
+    one `Role: content` paragraph per turn, then `Assistant:` to answer."""
+    turns = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return "\n\n".join([*turns, "Assistant:"])
+
+
+def job_messages(row: Row) -> list[dict[str, str]] | None:
+    """The job's conversation, or None for a job asked with a plain prompt."""
+    return json.loads(row["messages"]) if row.get("messages") else None
+
+
 def job_view(row: Row) -> dict[str, Any]:
     """A job as the API shows it."""
     usage = None
@@ -139,6 +152,7 @@ def job_view(row: Row) -> dict[str, Any]:
             rfc3339(row["lease_expires_ms"]) if row["status"] == "running" else None
         ),
         "receipt_id": row["receipt_id"],
+        "messages": job_messages(row),
     }
 
 
@@ -154,6 +168,7 @@ class Jobs:
         webhooks: Webhooks,
         rules: JobRules,
         limits: Limits,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.ledger = ledger
@@ -162,6 +177,7 @@ class Jobs:
         self.signals = signals
         self.rules = rules
         self.limits = limits
+        self.metrics = metrics if metrics is not None else Metrics()
 
     # -- clients -------------------------------------------------------------------------
 
@@ -194,14 +210,7 @@ class Jobs:
         whether it is new. With an `idempotency_key` the client used before, for the same
         request, the job that request made comes back instead (409 for another request)."""
         principal.require("client", "admin")
-        prompt = request.prompt
-        if not prompt.strip():
-            raise BadRequest("prompt must not be blank", error_code="INVALID_PROMPT")
-        if len(prompt) > self.limits.max_prompt_chars:
-            raise BadRequest(
-                f"prompt is {len(prompt)} characters; the limit is {self.limits.max_prompt_chars}",
-                error_code="PROMPT_TOO_LONG",
-            )
+        prompt, messages = self._prompt_of(request)
         model = request.model or self.default_model()
         if model is None:
             raise BadRequest(
@@ -219,12 +228,13 @@ class Jobs:
             if self.rules.require_funds:
                 self._check_funds(db, principal.identity, served_model, params["max_tokens"])
             row = db.one(
-                "INSERT INTO jobs (job_id, client, prompt, model, served_model, params, status,"
-                " created_ms) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?) RETURNING *",
+                "INSERT INTO jobs (job_id, client, prompt, messages, model, served_model, params,"
+                " status, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?) RETURNING *",
                 (
                     new_job_id(),
                     principal.identity,
                     prompt,
+                    messages,
                     model,
                     served_model,
                     json.dumps(params),
@@ -245,6 +255,39 @@ class Jobs:
                 )
         self.signals.work_available()
         return job_view(row), True
+
+    def _prompt_of(self, request: SubmitJob) -> tuple[str, str | None]:
+        """The job's prompt text and its messages as JSON (None for a plain prompt): exactly
+        one of the two must be sent, and neither may be blank or over the length limit."""
+        if (request.prompt is None) == (request.messages is None):
+            if request.prompt is None:
+                raise BadRequest(
+                    "prompt is required (or messages, a list of chat turns)",
+                    error_code="INVALID_PROMPT",
+                )
+            raise BadRequest("send prompt or messages, not both", error_code="INVALID_PROMPT")
+        if request.messages is not None:
+            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            if not any(m["content"].strip() for m in messages):
+                raise BadRequest("messages must not all be blank", error_code="INVALID_MESSAGES")
+            chars = sum(len(m["content"]) for m in messages)
+            if chars > self.limits.max_prompt_chars:
+                raise BadRequest(
+                    f"messages hold {chars} characters; the limit is"
+                    f" {self.limits.max_prompt_chars}",
+                    error_code="PROMPT_TOO_LONG",
+                )
+            return plain_transcript(messages), json.dumps(messages, ensure_ascii=False)
+        prompt = request.prompt
+        assert prompt is not None
+        if not prompt.strip():
+            raise BadRequest("prompt must not be blank", error_code="INVALID_PROMPT")
+        if len(prompt) > self.limits.max_prompt_chars:
+            raise BadRequest(
+                f"prompt is {len(prompt)} characters; the limit is {self.limits.max_prompt_chars}",
+                error_code="PROMPT_TOO_LONG",
+            )
+        return prompt, None
 
     def _idempotent_replay(
         self, db: Connection, principal: Principal, key: str, request: SubmitJob
@@ -553,10 +596,27 @@ class Jobs:
                 )
                 row["receipt_id"] = receipt["receipt_id"]
             queued = self.webhooks.enqueue(db, row)
+        if status == "completed":
+            self._count_completion(row)  # before job_changed lets its first-text time go
         self.signals.job_changed(job_id, finished=True)
         if queued:
             self.webhooks.wake()
         return row
+
+    def _count_completion(self, row: Row) -> None:
+        """Add a completed job's tokens and timings to the metrics. Time to first token is
+        known only when its miner reported text as it went (the built-in miner always does;
+        a remote miner through `progress`)."""
+        started = row["started_ms"]
+        first_text = self.signals.first_text_ms(row["job_id"])
+        self.metrics.job_completed(
+            row["served_model"],
+            prompt_tokens=row["prompt_tokens"] or 0,
+            completion_tokens=row["completion_tokens"] or 0,
+            queue_wait_s=(started - row["created_ms"]) / 1000,
+            ttft_s=None if first_text is None else (first_text - started) / 1000,
+            generation_s=(row["completed_ms"] - started) / 1000,
+        )
 
     def release(self, job_id: str, miner_id: str) -> bool:
         """Hand a claimed job back to the queue without counting the attempt (clean shutdown)."""

@@ -118,7 +118,10 @@ def identity_role_conflicts(db: Connection) -> list[str]:
 def authenticate(store: Store, key: str | None) -> Principal:
     """The principal for `key`; 401 when it is missing, unknown or revoked."""
     if not key:
-        raise Unauthorized("missing X-Api-Key header", error_code="MISSING_API_KEY")
+        raise Unauthorized(
+            "missing API key: send it as X-Api-Key: KEY or Authorization: Bearer KEY",
+            error_code="MISSING_API_KEY",
+        )
     row = store.read().one(
         "SELECT key_id, name, role, identity, revoked_ms FROM api_keys WHERE key_hash = ?",
         (hash_key(key),),

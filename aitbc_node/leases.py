@@ -7,6 +7,7 @@ import logging
 from aitbc_node.background import Loop
 from aitbc_node.clock import now_ms
 from aitbc_node.jobs import Jobs
+from aitbc_node.metrics import Metrics
 
 log = logging.getLogger("aitbc_node.leases")
 
@@ -19,13 +20,17 @@ MIN_SLEEP_SECONDS = 0.02
 class LeaseReaper(Loop):
     """Runs `Jobs.expire_leases` whenever a lease may have run out."""
 
-    def __init__(self, jobs: Jobs) -> None:
+    def __init__(self, jobs: Jobs, metrics: Metrics | None = None) -> None:
         super().__init__("lease-reaper", self.reap)
         self.jobs = jobs
+        self.metrics = metrics if metrics is not None else jobs.metrics
 
     def reap(self) -> float:
         """One pass; returns the seconds until the soonest lease runs out (capped)."""
         outcome = self.jobs.expire_leases()
+        self.metrics.leases_expired(
+            requeued=len(outcome["requeued"]), failed=len(outcome["failed"])
+        )
         for job_id in outcome["requeued"]:
             log.warning("lease of %s ran out; job requeued", job_id)
         for job_id in outcome["failed"]:

@@ -25,6 +25,7 @@ from aitbc_node.canonical import canonical_bytes, sha256_hex
 from aitbc_node.chain import GENESIS_PREV_HASH, sign_block
 from aitbc_node.clock import now_ms, rfc3339
 from aitbc_node.merkle import merkle_root
+from aitbc_node.metrics import Metrics
 from aitbc_node.receipts import hash_request, hash_result, sign_receipt
 from aitbc_node.signing import NodeKey, address_for, address_for_identity
 from aitbc_node.store import Connection, Row, Store
@@ -163,6 +164,7 @@ class Ledger:
     ) -> dict[str, Any]:
         """Sign the receipt of a just-completed job and record its payment (caller's write)."""
         params = json.loads(job["params"])
+        messages = json.loads(job["messages"]) if job.get("messages") else None
         units = (job["prompt_tokens"] or 0) + (job["completion_tokens"] or 0)
         unit_price = self.pricing.unit_price(job["served_model"])
         body: dict[str, Any] = {
@@ -171,7 +173,7 @@ class Ledger:
             "client_address": client_address(job["client"]),
             "miner_id": job["miner_id"],
             "model": {"name": job["served_model"], "sha256": model_sha256},
-            "request_sha256": hash_request(job["prompt"], params),
+            "request_sha256": hash_request(job["prompt"], params, messages),
             "result_sha256": hash_result(job["result"]),
             "prompt_tokens": job["prompt_tokens"] or 0,
             "completion_tokens": job["completion_tokens"] or 0,
@@ -278,11 +280,14 @@ class Ledger:
 class BlockSealer(Loop):
     """A thread that seals a block every `interval` seconds when there is anything new."""
 
-    def __init__(self, ledger: Ledger, interval: float, max_items: int) -> None:
+    def __init__(
+        self, ledger: Ledger, interval: float, max_items: int, metrics: Metrics | None = None
+    ) -> None:
         super().__init__("block-sealer", self._seal_and_wait)
         self.ledger = ledger
         self.interval = interval
         self.max_items = max_items
+        self.metrics = metrics if metrics is not None else Metrics()
 
     def stop(self) -> None:
         """Stop, sealing what is left first so a clean shutdown leaves nothing unsealed."""
@@ -294,6 +299,7 @@ class BlockSealer(Loop):
         sealed = 0
         while self.ledger.seal(self.max_items) is not None:
             sealed += 1
+            self.metrics.blocks_sealed()
         return sealed
 
     def _seal_and_wait(self) -> float:

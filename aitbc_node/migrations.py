@@ -241,6 +241,13 @@ def m007_job_queue_indexes(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX IF NOT EXISTS jobs_by_client_status ON jobs (client, status)")
 
 
+@migration
+def m008_job_messages(db: sqlite_utils.Database) -> None:
+    # A job asked as a conversation keeps its messages (JSON) for the miner's chat template
+    # and the receipt's request hash; `prompt` holds them as plain text for older miners.
+    db.execute("ALTER TABLE jobs ADD COLUMN messages TEXT")
+
+
 def apply(path: Path) -> list[str]:
     """Bring the database at `path` up to the newest schema; return the migrations that ran."""
     import sqlite_utils

@@ -47,6 +47,8 @@ class HeldJob:
     prompt: str
     params: dict[str, Any]
     lease_seconds: float
+    # The conversation a chat job was asked as (`prompt` is then its plain transcript).
+    messages: list[dict[str, str]] | None = None
     # Set when the job is no longer this miner's to finish (cancelled, lease lost).
     lost: threading.Event = field(default_factory=threading.Event)
     sequence: Sequence | None = None
@@ -181,7 +183,10 @@ class MinerLoop:
             self.held[job.job_id] = job
         try:
             job.sequence = engine.admit(
-                job.prompt, job.params, on_text=lambda text: self.source.progress(job, text)
+                job.prompt,
+                job.params,
+                on_text=lambda text: self.source.progress(job, text),
+                messages=job.messages,
             )
         except EngineError as e:
             log.warning("job %s cannot run: %s", job.job_id, e)

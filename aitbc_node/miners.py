@@ -114,6 +114,20 @@ class Miners:
         models = set(self.builtin_models) | {r["model"] for r in rows}
         return sorted(models)
 
+    def serving(self) -> dict[str, list[str]]:
+        """Each model some online miner serves, with the ids of the miners serving it (the
+        built-in miner first)."""
+        rows = self.store.read().execute(
+            "SELECT DISTINCT value AS model, miner_id FROM miners, json_each(miners.capabilities)"
+            " WHERE builtin = 0 AND last_seen_ms >= ? ORDER BY miner_id",
+            (self.online_cutoff_ms(),),
+        )
+        builtin = self.builtin_id or "builtin"
+        owners: dict[str, list[str]] = {m: [builtin] for m in self.builtin_models}
+        for row in rows:
+            owners.setdefault(row["model"], []).append(row["miner_id"])
+        return owners
+
     def list(self) -> list[dict[str, Any]]:
         """Every miner, most recently seen first, with its state."""
         rows = self.store.read().execute(

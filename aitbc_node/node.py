@@ -21,6 +21,7 @@ from aitbc_node.explorer import Explorer
 from aitbc_node.jobs import Jobs
 from aitbc_node.leases import LeaseReaper
 from aitbc_node.ledger import BlockSealer, Ledger, Pricing
+from aitbc_node.metrics import Metrics
 from aitbc_node.miners import Miners
 from aitbc_node.models import ModelFile
 from aitbc_node.ratelimit import DEFAULT_RATES, Rate, RateLimiter
@@ -66,6 +67,10 @@ class NodeSettings:
     cors_origins: list[str] = field(default_factory=list)
     # FULL: a commit survives a power cut, not only a crash (~0.3 ms more per write here).
     synchronous: str = "FULL"
+    metrics: bool = True  # serve GET /metrics (`--no-metrics`: not at all)
+    metrics_key: str | None = None  # `--metrics-key`: /metrics wants it; None: public
+    # `--trust-proxy` networks: only peers inside them may name the client in X-Forwarded-For.
+    trusted_proxies: list[str] = field(default_factory=list)
 
 
 class Node:
@@ -80,7 +85,9 @@ class Node:
         self.key = NodeKey.load_or_create(self.data_dir / NODE_KEY_FILE)
         self.store = Store(self.data_dir / DATABASE_FILE, synchronous=settings.synchronous)
         self.signals = Signals()
+        self.metrics = Metrics()
         self.miners = Miners(self.store, settings.rules)
+        self.metrics.watch(self.store, self.miners)
         self.ledger = Ledger(self.store, self.key, settings.pricing)
         self.ledger.ensure_genesis()
         self.webhooks = Webhooks(
@@ -94,15 +101,20 @@ class Node:
             self.webhooks,
             settings.rules,
             settings.limits,
+            self.metrics,
         )
         self.rate_limiter = RateLimiter(settings.rates)
         self.explorer = Explorer(self.store, settings.limits, settings.block_interval)
         self.credentials = keys.ensure_initial_keys(
             self.store, self.data_dir, credit=settings.pricing.grant
         )
-        self.reaper = LeaseReaper(self.jobs)
-        self.sealer = BlockSealer(self.ledger, settings.block_interval, settings.block_max_items)
-        self.dispatcher = Dispatcher(self.store, self.webhooks, settings.webhook_retry)
+        self.reaper = LeaseReaper(self.jobs, self.metrics)
+        self.sealer = BlockSealer(
+            self.ledger, settings.block_interval, settings.block_max_items, self.metrics
+        )
+        self.dispatcher = Dispatcher(
+            self.store, self.webhooks, settings.webhook_retry, self.metrics
+        )
         self.miner: Any = None  # a BuiltinMiner once started with models
 
     def start(self) -> None:

@@ -357,9 +357,14 @@ def _floats_to_strings(value: Any) -> Any:
     return value
 
 
-def hash_request(prompt: str, params: dict[str, Any]) -> str:
-    """Canonical hash of a request; float params (at any depth) become decimal strings first."""
-    return canonical_hash({"prompt": prompt, "params": _floats_to_strings(params)}, root="request")
+def hash_request(
+    prompt: str, params: dict[str, Any], messages: list[dict[str, str]] | None = None
+) -> str:
+    """Canonical hash of a request: `{prompt, params}`, or `{messages, params}` for a job asked
+    as a conversation (whichever the client sent); float params (at any depth) become decimal
+    strings first."""
+    asked: dict[str, Any] = {"prompt": prompt} if messages is None else {"messages": messages}
+    return canonical_hash({**asked, "params": _floats_to_strings(params)}, root="request")
 
 
 def hash_result(text: str) -> str:

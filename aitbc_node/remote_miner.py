@@ -129,6 +129,7 @@ class CoordinatorSource:
                     model=model,
                     prompt=row["prompt"],
                     params=row["params"],
+                    messages=row.get("messages"),
                     lease_seconds=max(_seconds_until(row["lease_expires_at"]), 0.15),
                 )
             )

