@@ -73,16 +73,19 @@ from aitbc_node.schemas import (
     RegisterMiner,
     Stats,
     SubmitJob,
+    TimeSeries,
     TransactionList,
     Verdict,
     VerifyRequest,
     WebhookList,
     WhoAmI,
+    Window,
     request_schemas,
 )
 from aitbc_node.schemas import Address as AddressView
 from aitbc_node.signals import WORK, job_key, progress_key
 from aitbc_node.signing import key_id_for
+from aitbc_node.timeseries import timeseries
 
 if TYPE_CHECKING:
     from aitbc_node.node import Node
@@ -188,7 +191,7 @@ ERROR_CODES = {
     " INVALID_MINER_SIGNATURE, MINER_SIGNATURE_REQUIRED, INVALID_URL, INVALID_EVENTS,"
     " WEBHOOK_URL_NOT_ALLOWED, INVALID_RECEIPT, INVALID_LIMIT, INVALID_CURSOR, INVALID_STATUS,"
     " INVALID_WAIT, INVALID_ADDRESS, INVALID_HEIGHT, INVALID_JOB_ID, INVALID_RECEIPT_ID,"
-    " INVALID_WEBHOOK_ID, INVALID_IDEMPOTENCY_KEY, BAD_REQUEST",
+    " INVALID_WEBHOOK_ID, INVALID_IDEMPOTENCY_KEY, INVALID_WINDOW, BAD_REQUEST",
     401: "MISSING_API_KEY, INVALID_API_KEY, API_KEY_REVOKED",
     402: "INSUFFICIENT_FUNDS",
     403: "WRONG_ROLE, NOT_YOUR_JOB, NOT_YOUR_WEBHOOK, MINER_ID_MISMATCH, NOT_JOB_MINER",
@@ -677,12 +680,24 @@ async def explorer_stats(request: Request) -> ExplorerStats:
     return await in_thread(lambda: node.explorer.stats(node.jobs.stats()))
 
 
+@operation(get, "/explorer/timeseries", 400, tag="explorer", keyed=False)
+async def explorer_timeseries(
+    request: Request,
+    window: Annotated[
+        Window, Parameter(description="hour: 60 points of 1 minute; day: 48 of 30 minutes")
+    ] = "hour",
+) -> TimeSeries:
+    """Jobs completed and failed, tokens, tokens/s, queue depth and p50/p95 latency per
+    bucket over the last hour or day, and the window's completed work by model and miner."""
+    return await in_thread(timeseries, public(request).store, window)
+
+
 @operation(get, "/explorer/addresses/{address:str}", 400, tag="explorer", keyed=False)
 async def explorer_address(
-    request: Request, address: Address, limit: Limit = DEFAULT_LIST_LIMIT
+    request: Request, address: Address, limit: Limit = DEFAULT_LIST_LIMIT, cursor: Cursor = None
 ) -> AddressView:
-    """An address's balance and recent transactions."""
-    return await in_thread(public(request).explorer.address, address, limit)
+    """An address's balance and its transactions, newest first; `next_cursor` pages back."""
+    return await in_thread(public(request).explorer.address, address, limit, cursor)
 
 
 # -- the page and the errors ---------------------------------------------------------------
@@ -852,6 +867,7 @@ def create_app(node: Node) -> Litestar:
             explorer_transactions,
             explorer_receipts,
             explorer_stats,
+            explorer_timeseries,
             explorer_address,
             openai_router("/v1"),  # the same OpenAI-compatible routes under /api/v1 too
         ],

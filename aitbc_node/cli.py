@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from aitbc_node import __version__, logs
 from aitbc_node.client_cli import add_client_commands
@@ -380,7 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Manage API keys. Works whether or not the node is running.",
     )
     key_commands = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
-    create = key_commands.add_parser("create", help="make a key and print it (shown only once)")
+    create = key_commands.add_parser(
+        "create", help="make a key and print it (shown only once)", allow_abbrev=False
+    )
     create.add_argument("--role", required=True, choices=["client", "miner", "admin"])
     create.add_argument(
         "--name",
@@ -393,18 +395,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="AIT",
         help="AIT granted to a new client's address (%(default)s)",
     )
+    create.add_argument("--json", action="store_true", help="print the key and its details as JSON")
     add_data_dir(create)
     create.set_defaults(run=cmd_keys_create)
-    listing = key_commands.add_parser("list", help="list keys (never their secrets)")
+    listing = key_commands.add_parser(
+        "list", help="list keys (never their secrets)", allow_abbrev=False
+    )
     listing.add_argument("--json", action="store_true", help="print JSON")
     add_data_dir(listing)
     listing.set_defaults(run=cmd_keys_list)
-    revoke = key_commands.add_parser("revoke", help="revoke a key by id (or unique name)")
+    revoke = key_commands.add_parser(
+        "revoke", help="revoke a key by id (or unique name)", allow_abbrev=False
+    )
     revoke.add_argument("key", help="a key id (key-...) or a key's name")
+    revoke.add_argument("--json", action="store_true", help="print the revoked key as JSON")
     add_data_dir(revoke)
     revoke.set_defaults(run=cmd_keys_revoke)
     show = key_commands.add_parser(
-        "show", help="print the node's public key (what verifiers pin), never its secret"
+        "show",
+        help="print the node's public key (what verifiers pin), never its secret",
+        allow_abbrev=False,
     )
     show.add_argument("--json", action="store_true", help="print JSON")
     add_data_dir(show)
@@ -416,8 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Verify offline. `verify RECEIPT.json --pubkey KEY [--proof PROOF.json]` "
         "checks one receipt (and its inclusion in a block) against a node key you trust. "
         "`verify --data-dir DIR` re-checks a node's whole chain: every hash, Merkle root, "
-        "signature, link and balance; it names the first break. Exit status: 0 valid, "
-        "1 invalid, 2 bad input.",
+        "signature, link and balance; it names the first break. With --json, the verdict "
+        "as JSON. Exit status: 0 valid, 1 invalid, 2 bad input.",
+        allow_abbrev=False,
     )
     verify.add_argument("receipt", nargs="?", type=Path, help="a receipt JSON file ('-': stdin)")
     verify.add_argument("--pubkey", help="the trusted node public key (64 hex characters)")
@@ -430,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="check the whole ledger of the node in DIR (trusting DIR's node key, or --pubkey)",
     )
+    verify.add_argument("--json", action="store_true", help="print the verdict as JSON")
     verify.set_defaults(run=cmd_verify)
     add_client_commands(commands)
     return parser
@@ -693,7 +705,10 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         return fail(e.detail)
     finally:
         store.close()
-    print(key)
+    if args.json:
+        print(json.dumps({"key": key, **_key_view(row)}, indent=2))
+    else:
+        print(key)
     print(
         f"(key id {row['key_id']}, role {row['role']}, acts as {row['identity']}; "
         "store it now, it is not shown again)",
@@ -732,8 +747,25 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
         return fail(e.detail)
     finally:
         store.close()
-    print(f"revoked {row['key_id']} ({row['role']} {row['name']})")
+    if args.json:
+        print(json.dumps(_key_view(row), indent=2))
+    else:
+        print(f"revoked {row['key_id']} ({row['role']} {row['name']})")
     return 0
+
+
+def _key_view(row: dict) -> dict[str, object]:
+    """A key's row as `keys list --json` shows it: never its hash."""
+    from aitbc_node.clock import rfc3339
+
+    return {
+        "key_id": row["key_id"],
+        "name": row["name"],
+        "role": row["role"],
+        "identity": row["identity"],
+        "created_at": rfc3339(row["created_ms"]),
+        "revoked_at": rfc3339(row.get("revoked_ms")),
+    }
 
 
 def cmd_miner(args: argparse.Namespace) -> int:
@@ -850,6 +882,17 @@ def _verify_receipt_file(args: argparse.Namespace) -> int:
     else:
         reasons = verify_receipt(receipt, args.pubkey).reasons
     receipt_id = receipt.get("receipt_id", "the receipt")
+    if args.json:
+        verdict: dict[str, object] = {
+            "valid": not reasons,
+            "receipt_id": receipt.get("receipt_id"),
+            "public_key": args.pubkey,
+            "reasons": reasons,
+        }
+        if proof is not None:
+            verdict["block_height"] = None if reasons else proof["block"]["header"]["height"]
+        print(json.dumps(verdict, indent=2))
+        return EXIT_INVALID if reasons else 0
     if reasons:
         print(f"INVALID: {receipt_id}")
         for reason in reasons:
@@ -882,6 +925,18 @@ def _verify_ledger(args: argparse.Namespace) -> int:
         report = audit(store.read(), pubkey)
     finally:
         store.close()
+    if args.json:
+        verdict = {
+            "valid": report.ok,
+            "public_key": pubkey,
+            "blocks": report.blocks,
+            "receipts": report.receipts,
+            "transactions": report.transactions,
+            "unsealed": report.unsealed,
+            "problems": report.problems,
+        }
+        print(json.dumps(verdict, indent=2))
+        return 0 if report.ok else EXIT_INVALID
     counts = (
         f"{report.blocks} blocks, {report.receipts} receipts, {report.transactions} transactions"
         f" ({report.unsealed} not yet sealed)"
@@ -896,6 +951,43 @@ def _verify_ledger(args: argparse.Namespace) -> int:
     return EXIT_INVALID
 
 
+def chosen_parser(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> argparse.ArgumentParser:
+    """The parser of the (sub-)command `args` were parsed for: `submit`, `keys create`..."""
+    while True:
+        chosen = None
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = action.choices.get(getattr(args, action.dest, None) or "")
+        if chosen is None:
+            return parser
+        parser = chosen
+
+
+def reject_unknown(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]
+) -> NoReturn:
+    """Exit 2 over arguments no parser took, with the usage of the command they were given
+    to and, for a mistyped flag, the closest real one. (argparse alone blames the top-level
+    command, whose usage does not help.)"""
+    import difflib
+
+    command = chosen_parser(parser, args)
+    flags = [o for a in command._actions for o in a.option_strings if len(o) > 2]
+    message = "unrecognized arguments: " + " ".join(unknown)
+    hints = [
+        close[0]
+        for word in unknown
+        if word.startswith("-")
+        for close in [difflib.get_close_matches(word.split("=", 1)[0], flags, n=1, cutoff=0.75)]
+        if close
+    ]
+    if hints:
+        message += f" (did you mean {' or '.join(dict.fromkeys(hints))}?)"
+    command.error(message)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `aitbc-node` command."""
     # The data directory and everything in it (the database and its -wal and -shm files
@@ -905,7 +997,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "serve")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        reject_unknown(parser, args, unknown)
     if args.command == "serve":
         # Flags are parsed; options no flag set take their AITBC_* env or config file value.
         from aitbc_node import settings_sources

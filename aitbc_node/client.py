@@ -6,6 +6,8 @@
     job = client.submit_job("Hello, world!", max_tokens=64)
     done = client.wait_for_job(job["job_id"])      # server long-polling: no 2-second naps
     print(done["result"])
+    for piece in client.stream_job(job["job_id"]):  # the text as it is generated
+        print(piece, end="", flush=True)
 
 Retries: a 429 waits what `Retry-After` says; a 5xx, or a connection that could not be made,
 backs off (0.5 s, 1 s, 2 s... up to 10 s); at most `retries` times. A request that may have
@@ -13,14 +15,20 @@ reached the server is not re-sent unless it is safe to repeat (a GET, or a 429/5
 which the node gives before doing anything). Other errors raise `CoordinatorError`, which
 carries `status`, `detail` and `error_code`.
 
+`stream_job` yields a job's text in pieces as the miner generates it (server-sent events);
+joined, a completed job's pieces equal its `result`. A job that ends failed or cancelled raises
+`JobFailed` after its pieces, carrying the final job. A dropped stream is reopened; the text
+the node sends again is skipped.
+
 This is the only module of the package that imports httpx.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import httpx
@@ -29,6 +37,9 @@ from aitbc_node.receipts import Verdict, verify_receipt
 
 TERMINAL = ("completed", "failed", "cancelled")
 MAX_SERVER_WAIT = 60.0
+# The node sends a keep-alive on an idle stream every 15 s: a stream silent for this long is
+# taken for dead and reopened.
+STREAM_IDLE = 45.0
 
 
 class CoordinatorError(Exception):
@@ -47,6 +58,18 @@ class CoordinatorUnavailable(CoordinatorError):
 
     def __init__(self, detail: str) -> None:
         super().__init__(0, detail, "UNREACHABLE")
+
+
+class JobFailed(Exception):
+    """`stream_job`: the job ended failed or cancelled; `job` is its final view."""
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        if job["status"] == "cancelled":
+            message = f"job {job['job_id']} was cancelled"
+        else:
+            message = f"job {job['job_id']} failed: {job.get('error')} ({job.get('error_code')})"
+        super().__init__(message)
+        self.job = job
 
 
 def _error(response: httpx.Response) -> CoordinatorError:
@@ -103,6 +126,87 @@ class _Policy:
 
 def _clean(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if v is not None}
+
+
+class _JobStream:
+    """What both clients' `stream_job` share: the server-sent events of one job's stream in,
+    the text not yet given out and the final job out, across reopened connections (each of
+    which starts with all the text so far)."""
+
+    def __init__(self, job_id: str, timeout: float | None) -> None:
+        self.job_id = job_id
+        self.path = f"/v1/jobs/{job_id}/stream"
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.given = 0  # characters handed out, over every connection
+        self.seen = 0  # characters the current connection has sent
+        self.alive = False  # the current connection has sent anything
+        self.event = ""
+        self.data: list[str] = []
+        self.job: dict[str, Any] | None = None
+
+    def timeouts(self, base: httpx.Timeout) -> httpx.Timeout:
+        """The client's timeouts, with a read timeout that outlasts the keep-alives but not
+        the deadline."""
+        read = min(STREAM_IDLE, self.remaining())
+        return httpx.Timeout(connect=base.connect, read=read, write=base.write, pool=base.pool)
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline; raises TimeoutError once it has passed."""
+        if self.deadline is None:
+            return float("inf")
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"Job {self.job_id} did not end in {self.timeout}s")
+        return remaining
+
+    def connected(self) -> None:
+        self.seen, self.alive, self.event, self.data = 0, False, "", []
+
+    def feed(self, line: str) -> str:
+        """One line of the stream; the new text of the event it ends ("" when none)."""
+        if line:
+            self.alive = True
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if field == "event":
+                self.event = value
+            elif field == "data":
+                self.data.append(value)
+            return ""  # a comment (the keep-alive) or a field the node does not send
+        event, data = self.event, "\n".join(self.data)
+        self.event, self.data = "", []
+        if event == "text" and data:
+            text = json.loads(data)["text"]
+            new = text[max(0, self.given - self.seen) :]
+            self.seen += len(text)
+            self.given += len(new)
+            return new
+        if event == "job" and data:
+            self.job = json.loads(data)
+        return ""
+
+    def finish(self) -> None:
+        """After the `job` event: raises JobFailed unless the job completed."""
+        assert self.job is not None
+        if self.job["status"] != "completed":
+            raise JobFailed(self.job)
+
+    def retry_delay(
+        self, policy: _Policy, outcome: httpx.Response | httpx.TransportError, attempt: int
+    ) -> float:
+        """Seconds to wait before reopening the stream after `outcome`; raises what to give
+        up with: TimeoutError past the deadline, else the policy's error."""
+        if isinstance(outcome, httpx.ReadTimeout):
+            self.remaining()  # the deadline, not a dead node, may have cut the read short
+        if self.alive:
+            attempt = 0  # it worked for a while: a new drop starts the count again
+        return min(policy.delay("GET", self.path, outcome, attempt), self.remaining())
+
+    def ended_early(self) -> httpx.TransportError:
+        """The outcome of a stream that closed before its `job` event (the node stopped):
+        retried as a dropped connection is."""
+        return httpx.ReadError(f"the stream of {self.job_id} closed before the job ended")
 
 
 class CoordinatorClient:
@@ -198,6 +302,40 @@ class CoordinatorClient:
                 return job
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"Job {job_id} did not complete in {timeout}s")
+
+    def stream_job(self, job_id: str, timeout: float | None = None) -> Iterator[str]:
+        """The job's text in pieces as the miner generates it, until the job ends (GET
+        /v1/jobs/{id}/stream); joined, a completed job's pieces equal its `result` (its
+        usage and receipt: `get_job`). Raises `JobFailed` (with the final job) when it ends
+        failed or cancelled, TimeoutError after `timeout` seconds (the job goes on)."""
+        stream = _JobStream(job_id, timeout)
+        attempt = 0
+        while True:
+            outcome: httpx.Response | httpx.TransportError
+            try:
+                with self.client.stream(
+                    "GET",
+                    self.base_url + stream.path,
+                    timeout=stream.timeouts(self.client.timeout),
+                ) as response:
+                    if not response.is_success:
+                        response.read()
+                        outcome = response
+                    else:
+                        stream.connected()
+                        for line in response.iter_lines():
+                            piece = stream.feed(line)
+                            if piece:
+                                yield piece
+                            if stream.job is not None:
+                                stream.finish()
+                                return
+                            stream.remaining()
+                        outcome = stream.ended_early()
+            except httpx.TransportError as e:
+                outcome = e
+            time.sleep(stream.retry_delay(self.policy, outcome, attempt))
+            attempt = 1 if stream.alive else attempt + 1
 
     def list_jobs(
         self, status: str | None = None, limit: int | None = None, cursor: str | None = None
@@ -296,7 +434,8 @@ class CoordinatorClient:
 
 
 class AsyncCoordinatorClient:
-    """The asynchronous twin of `CoordinatorClient` (the client-side calls)."""
+    """The asynchronous twin of `CoordinatorClient`: the same methods, names and arguments
+    (client and miner calls), each a coroutine; `stream_job` is an async generator."""
 
     def __init__(
         self,
@@ -318,6 +457,10 @@ class AsyncCoordinatorClient:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+    async def close(self) -> None:
+        """The same as `aclose`, under the sync client's name."""
+        await self.aclose()
 
     async def __aenter__(self) -> AsyncCoordinatorClient:
         return self
@@ -357,6 +500,7 @@ class AsyncCoordinatorClient:
         return await self.request("GET", "/v1/stats")
 
     async def default_model(self) -> str:
+        """The node's default model (asked once): its own first model, else a served one."""
         if self._default_model is None:
             model = (await self.health()).get("default_model")
             if not model:
@@ -387,6 +531,38 @@ class AsyncCoordinatorClient:
             if loop.time() >= deadline:
                 raise TimeoutError(f"Job {job_id} did not complete in {timeout}s")
 
+    async def stream_job(self, job_id: str, timeout: float | None = None) -> AsyncIterator[str]:
+        """The job's text in pieces as the miner generates it, until the job ends: as
+        `CoordinatorClient.stream_job`, as an async generator."""
+        stream = _JobStream(job_id, timeout)
+        attempt = 0
+        while True:
+            outcome: httpx.Response | httpx.TransportError
+            try:
+                async with self.client.stream(
+                    "GET",
+                    self.base_url + stream.path,
+                    timeout=stream.timeouts(self.client.timeout),
+                ) as response:
+                    if not response.is_success:
+                        await response.aread()
+                        outcome = response
+                    else:
+                        stream.connected()
+                        async for line in response.aiter_lines():
+                            piece = stream.feed(line)
+                            if piece:
+                                yield piece
+                            if stream.job is not None:
+                                stream.finish()
+                                return
+                            stream.remaining()
+                        outcome = stream.ended_early()
+            except httpx.TransportError as e:
+                outcome = e
+            await asyncio.sleep(stream.retry_delay(self.policy, outcome, attempt))
+            attempt = 1 if stream.alive else attempt + 1
+
     async def list_jobs(
         self, status: str | None = None, limit: int | None = None, cursor: str | None = None
     ) -> dict[str, Any]:
@@ -400,6 +576,9 @@ class AsyncCoordinatorClient:
     async def get_receipt(self, receipt_id: str) -> dict[str, Any]:
         return await self.request("GET", f"/v1/receipts/{receipt_id}")
 
+    async def get_receipt_proof(self, receipt_id: str) -> dict[str, Any]:
+        return await self.request("GET", f"/v1/receipts/{receipt_id}/proof")
+
     async def list_receipts(
         self, client: str | None = None, limit: int | None = None, cursor: str | None = None
     ) -> dict[str, Any]:
@@ -407,11 +586,75 @@ class AsyncCoordinatorClient:
             "GET", "/v1/receipts", params={"client": client, "limit": limit, "cursor": cursor}
         )
 
+    async def node_public_key_or_fetch(self) -> str:
+        """The pinned node key, or (trust on first use) the one `/health` shows, pinned now."""
+        if self.node_public_key is None:
+            self.node_public_key = (await self.health())["node"]["public_key"]
+        return self.node_public_key
+
     async def verify_receipt(
         self, receipt: dict[str, Any] | str, public_key: str | None = None
     ) -> Verdict:
+        """Verify a receipt (or a receipt id) here, against `public_key` or the pinned key."""
         if isinstance(receipt, str):
             receipt = await self.get_receipt(receipt)
-        if public_key is None and self.node_public_key is None:
-            self.node_public_key = (await self.health())["node"]["public_key"]
-        return verify_receipt(receipt, public_key or self.node_public_key)
+        return verify_receipt(receipt, public_key or await self.node_public_key_or_fetch())
+
+    # -- miners -------------------------------------------------------------------------
+
+    async def whoami(self) -> dict[str, Any]:
+        return await self.request("GET", "/v1/whoami")
+
+    async def register_miner(
+        self,
+        miner_id: str,
+        capabilities: list[str],
+        gpu_info: dict[str, Any] | None = None,
+        public_key: str | None = None,
+    ) -> dict[str, Any]:
+        body = _clean(
+            {
+                "miner_id": miner_id,
+                "capabilities": capabilities,
+                "gpu_info": gpu_info or {},
+                "public_key": public_key,
+            }
+        )
+        return await self.request("POST", "/v1/miners/register", json=body)
+
+    async def available_jobs(
+        self, miner_id: str, wait: float | None = None, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        timeout = None if wait is None else wait + self.client.timeout.read + 1
+        answer = await self.request(
+            "GET",
+            "/v1/jobs/available",
+            params={"miner_id": miner_id, "wait": wait, "limit": limit},
+            timeout=timeout,
+        )
+        return answer["jobs"]
+
+    async def claim_job(self, job_id: str, miner_id: str) -> dict[str, Any]:
+        return await self.request("POST", f"/v1/jobs/{job_id}/claim", json={"miner_id": miner_id})
+
+    async def release_job(self, job_id: str, miner_id: str) -> dict[str, Any]:
+        """Hand a claimed job back to the queue, uncounted."""
+        return await self.request("POST", f"/v1/jobs/{job_id}/release", json={"miner_id": miner_id})
+
+    async def heartbeat(self, miner_id: str) -> dict[str, Any]:
+        return await self.request("POST", f"/v1/miners/{miner_id}/heartbeat")
+
+    async def report_progress(self, job_id: str, miner_id: str, text: str) -> dict[str, Any]:
+        return await self.request(
+            "POST", f"/v1/jobs/{job_id}/progress", json={"miner_id": miner_id, "text": text}
+        )
+
+    async def complete_job(self, job_id: str, miner_id: str, result: str, **extra: Any) -> dict:
+        """Complete a claimed job; `extra`: usage, model_sha256, miner_signature."""
+        body = {"miner_id": miner_id, "result": result, **extra}
+        return await self.request("POST", f"/v1/jobs/{job_id}/complete", json=body)
+
+    async def fail_job(self, job_id: str, miner_id: str, error: str) -> dict[str, Any]:
+        return await self.request(
+            "POST", f"/v1/jobs/{job_id}/fail", json={"miner_id": miner_id, "error": error}
+        )

@@ -1,6 +1,6 @@
 """The client commands of `aitbc-node`: talk to a running node over its API.
 
-    aitbc-node submit "Explain SQLite" --wait     # print the answer
+    aitbc-node submit "Explain SQLite" --wait     # print the answer (as it comes, on a terminal)
     aitbc-node jobs --status completed            # your jobs, newest first
     aitbc-node job JOB_ID                         # one job
     aitbc-node cancel JOB_ID                      # a pending or running job
@@ -31,8 +31,11 @@ import argparse
 import json
 import math
 import os
+import queue
 import re
+import shlex
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
@@ -76,12 +79,15 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
     """Add submit, jobs, job, cancel, receipt and stats to the `aitbc-node` parser."""
     submit = commands.add_parser(
         "submit",
+        allow_abbrev=False,  # a mistyped flag is an error with a hint, never a guess
         help="submit a job to a node; with --wait, print its answer",
         description="Submit a prompt as a job. Without --wait, print the job id (the job "
         "JSON with --json). With --wait, wait for the job to end (the node long-polls, so "
         "the answer comes the moment it is ready) and print the result text (the final job "
-        "JSON with --json); on a terminal the job's state and the time waited show on one "
-        "line of stderr meanwhile. PROMPT '-' reads the prompt from stdin. "
+        "JSON with --json). When stdout is a terminal the answer is printed as it is "
+        "generated, then a line on stderr gives its tokens, tokens/s and time to first "
+        "token; otherwise, on a terminal stderr, the job's state and the time waited show "
+        "on one line meanwhile. PROMPT '-' reads the prompt from stdin. "
         + _exit_help(
             "with --wait, the job ended failed or cancelled",
             "; 5 --timeout ran out (the job goes on; its id is printed)",
@@ -120,6 +126,7 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
 
     jobs = commands.add_parser(
         "jobs",
+        allow_abbrev=False,
         help="list your jobs on a node, newest first",
         description="List the jobs of your API key (every job, for an admin key), newest "
         "first: a table of id, status, model, creation time and the prompt's start, or the "
@@ -133,6 +140,7 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
 
     job = commands.add_parser(
         "job",
+        allow_abbrev=False,
         help="show one job",
         description="Show one job: its state, model, miner, times, token usage, receipt, "
         "prompt and result (the job JSON with --json). " + _exit_help(),
@@ -143,6 +151,7 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
 
     cancel = commands.add_parser(
         "cancel",
+        allow_abbrev=False,
         help="cancel a pending or running job",
         description="Cancel one of your jobs while it is pending or running (a job that has "
         "already ended answers JOB_ALREADY_FINISHED, exit status 3). " + _exit_help(),
@@ -153,6 +162,7 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
 
     receipt = commands.add_parser(
         "receipt",
+        allow_abbrev=False,
         help="show a job's signed receipt; --verify checks its signature here",
         description="Show a signed receipt, by receipt id (rcpt-...) or by the id of the "
         "completed job it proves (job-...). With --verify, check its Ed25519 signature "
@@ -172,6 +182,7 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
 
     stats = commands.add_parser(
         "stats",
+        allow_abbrev=False,
         help="show a node's public numbers",
         description="Show a node's jobs by state, queue depth, miners online, tokens "
         "generated and average latency (GET /v1/stats; no API key needed). " + _exit_help(),
@@ -281,6 +292,8 @@ def cmd_submit(client: CoordinatorClient, args: argparse.Namespace) -> int:
         else:
             print(job["job_id"])
         return EXIT_OK
+    if not args.json and _is_terminal(sys.stdout):
+        return stream_answer(client, job, started, args.timeout)
 
     line = StatusLine(sys.stderr)
     try:
@@ -310,6 +323,103 @@ def cmd_submit(client: CoordinatorClient, args: argparse.Namespace) -> int:
         _say(f"job {job['job_id']} was cancelled")
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def stream_answer(
+    client: CoordinatorClient, job: dict[str, Any], started: float, timeout: float | None
+) -> int:
+    """`submit --wait` with stdout on a terminal: the answer printed as the miner generates
+    it, then on stderr its tokens, tokens/s and time to first token.
+
+    The stream is read on a thread so that this one can tick the status line until the first
+    text comes, and give up at `timeout`, whatever the stream is doing."""
+    from aitbc_node.client import JobFailed
+
+    job_id = job["job_id"]
+    pieces: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+    def read() -> None:
+        try:
+            for piece in client.stream_job(job_id):
+                pieces.put(("text", piece))
+            pieces.put(("end", None))
+        except Exception as e:  # handed over, to be raised where the command runs
+            pieces.put(("error", e))
+
+    threading.Thread(target=read, name="job-stream", daemon=True).start()
+    line = StatusLine(sys.stderr)
+    deadline = math.inf if timeout is None else time.monotonic() + timeout
+    first: float | None = None
+    wrote = False
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(job_id)
+            try:
+                kind, value = pieces.get(timeout=min(remaining, PROGRESS_TICK))
+            except queue.Empty:
+                if first is None:
+                    line.show(
+                        f"{job_id}  waiting for the first token  {time.monotonic() - started:.0f}s"
+                    )
+                continue
+            if kind == "error":
+                raise value
+            if kind == "end":
+                break
+            if first is None:
+                first = time.monotonic()
+                line.clear()
+            sys.stdout.write(value)
+            sys.stdout.flush()
+            wrote = True
+    except (TimeoutError, KeyboardInterrupt, JobFailed) as e:
+        line.clear()
+        if wrote:
+            print(flush=True)  # the diagnostics start on a line of their own
+        if isinstance(e, JobFailed):
+            _say(str(e))
+            return EXIT_FAILED
+        if isinstance(e, TimeoutError):
+            _say(
+                f"gave up waiting after {timeout:g} s; job {job_id} goes on "
+                f"(see `aitbc-node job {job_id}`)"
+            )
+            return EXIT_TIMEOUT
+        _say(f"interrupted; job {job_id} goes on (`aitbc-node cancel {job_id}`)")
+        return EXIT_INTERRUPTED
+    except Exception:
+        line.clear()
+        if wrote:
+            print(flush=True)  # the error goes on a line of its own
+        raise
+    ended = time.monotonic()
+    print(flush=True)  # as when piped: the result, then a newline
+    usage = client.get_job(job_id).get("usage") or {}
+    _say(_speed(usage.get("completion_tokens"), started, first, ended))
+    return EXIT_OK
+
+
+def _speed(tokens: int | None, started: float, first: float | None, ended: float) -> str:
+    """The closing line of a streamed answer: tokens/s over the generation (from the first
+    text to the end; from the submission when all came at once), time to first token."""
+    if tokens is None:
+        return f"done in {ended - started:.2f} s"
+    if first is None:
+        return f"{tokens} tokens in {ended - started:.2f} s"
+    generating = ended - first if ended - first > 0.05 else ended - started
+    return (
+        f"{tokens} tokens, {tokens / generating:.1f} tokens/s, "
+        f"first token after {first - started:.2f} s"
+    )
 
 
 def wait_for(
@@ -394,8 +504,21 @@ def cmd_jobs(client: CoordinatorClient, args: argparse.Namespace) -> int:
     if not rows:
         _say("no jobs" + (f" with status {args.status}" if args.status else ""))
     if page.get("next_cursor"):
-        _say(f"more: aitbc-node jobs --cursor {page['next_cursor']}")
+        _say(f"more: {_next_page(args, page['next_cursor'])}")
     return EXIT_OK
+
+
+def _next_page(args: argparse.Namespace, cursor: str) -> str:
+    """The command for the next page: this one's --url, --status and --limit again (never
+    the API key, a secret), and the cursor."""
+    words = ["aitbc-node", "jobs"]
+    if args.url:
+        words += ["--url", args.url]
+    if args.status:
+        words += ["--status", args.status]
+    if args.limit is not None:
+        words += ["--limit", str(args.limit)]
+    return shlex.join([*words, "--cursor", cursor])
 
 
 def _job_text(job: dict[str, Any]) -> str:

@@ -77,6 +77,7 @@ PARAMETER_CODES = {
     "client": "INVALID_ADDRESS",
     "address": "INVALID_ADDRESS",
     "height": "INVALID_HEIGHT",
+    "window": "INVALID_WINDOW",
     "job_id": "INVALID_JOB_ID",
     "receipt_id": "INVALID_RECEIPT_ID",
     "webhook_id": "INVALID_WEBHOOK_ID",

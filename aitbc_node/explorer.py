@@ -145,15 +145,18 @@ class Explorer:
             },
         }
 
-    def address(self, address: str, limit: int) -> dict[str, Any]:
+    def address(self, address: str, limit: int, cursor: str | None = None) -> dict[str, Any]:
+        """An account's balance and one page of its transactions, newest first."""
         if not is_address(address):
             raise BadRequest(f"{address!r} is not an ait1... address", error_code="INVALID_ADDRESS")
-        db = self.store.read()
-        account = db.one("SELECT * FROM accounts WHERE address = ?", (address,))
-        txs = db.execute(
-            "SELECT * FROM transactions WHERE from_address = ? OR to_address = ?"
-            " ORDER BY seq DESC LIMIT ?",
-            (address, address, limit),
+        account = self.store.read().one("SELECT * FROM accounts WHERE address = ?", (address,))
+        txs, next_cursor = self._list(
+            "SELECT * FROM transactions WHERE (from_address = ? OR to_address = ?)"
+            " AND seq < ? ORDER BY seq DESC LIMIT ?",
+            (address, address),
+            limit,
+            cursor,
+            "seq",
         )
         held = account["balance"] if account else 0
         return {
@@ -163,6 +166,7 @@ class Explorer:
             "balance": held,
             "balance_ait": format_ait(held),
             "transactions": [transaction_view(t) for t in txs],
+            "next_cursor": next_cursor,
         }
 
     def stats(self, job_stats: dict[str, Any]) -> dict[str, Any]:

@@ -248,6 +248,15 @@ def m008_job_messages(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE jobs ADD COLUMN messages TEXT")
 
 
+@migration
+def m009_job_time_indexes(db: sqlite_utils.Database) -> None:
+    # The explorer's time series (`timeseries.py`) reads only the jobs that were created,
+    # started or finished inside its window: range scans on these, never the whole history.
+    db.execute("CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created_ms)")
+    db.execute("CREATE INDEX IF NOT EXISTS jobs_by_started ON jobs (started_ms)")
+    db.execute("CREATE INDEX IF NOT EXISTS jobs_by_completed ON jobs (completed_ms)")
+
+
 def apply(path: Path) -> list[str]:
     """Bring the database at `path` up to the newest schema; return the migrations that ran."""
     import sqlite_utils

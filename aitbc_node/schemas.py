@@ -534,6 +534,7 @@ class Address(Struct):
     balance: int
     balance_ait: str
     transactions: list[Transaction]
+    next_cursor: str | None
 
 
 class JobCounts(Struct):
@@ -568,6 +569,69 @@ class ExplorerStats(Struct):
     miners_online: int
     miners_total: int
     tokens_generated: int
+
+
+Window = Literal["hour", "day"]
+
+
+class TimePoint(Struct):
+    """One bucket of `GET /explorer/timeseries`: jobs that ended in it, and the queue at its
+    end (or now, for the bucket still running)."""
+
+    start: Timestamp
+    jobs_completed: int
+    jobs_failed: int
+    tokens: int
+    tokens_per_second: float
+    queue_depth: int
+    latency_p50_ms: int | None
+    latency_p95_ms: int | None
+
+
+class WindowTotals(Struct):
+    """The whole window's numbers; `queue_depth` is the queue now."""
+
+    jobs_completed: int
+    jobs_failed: int
+    tokens: int
+    tokens_per_second: float
+    queue_depth: int
+    latency_p50_ms: int | None
+    latency_p95_ms: int | None
+
+
+class ModelWork(Struct):
+    """Completed jobs of one served model over the window; `generation_tokens_per_second`
+    is its tokens over the seconds its jobs spent running."""
+
+    model: str
+    jobs_completed: int
+    tokens: int
+    tokens_per_second: float
+    generation_tokens_per_second: float | None
+
+
+class MinerWork(Struct):
+    """Completed jobs of one miner over the window (as `ModelWork`)."""
+
+    miner_id: str
+    jobs_completed: int
+    tokens: int
+    tokens_per_second: float
+    generation_tokens_per_second: float | None
+
+
+class TimeSeries(Struct):
+    """`GET /explorer/timeseries`: a fixed number of points over the last hour or day."""
+
+    window: Window
+    bucket_seconds: int
+    start: Timestamp
+    end: Timestamp
+    points: list[TimePoint]
+    totals: WindowTotals
+    models: list[ModelWork]
+    miners: list[MinerWork]
 
 
 class NodeIdentity(Struct):

@@ -316,6 +316,7 @@ PUBLIC = {
     ("get", "/api/explorer/transactions"),
     ("get", "/api/explorer/receipts"),
     ("get", "/api/explorer/stats"),
+    ("get", "/api/explorer/timeseries"),
     ("get", "/api/explorer/addresses/{address}"),
 }
 # POSTs that take no body: the job id or miner id in the path says it all.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -12,8 +13,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from aitbc_node import __version__
-from tests.conftest import ROOT, SMOL, NodeProcess, run_cli
+from aitbc_node.cli import build_parser
+from aitbc_node.client import CoordinatorClient, CoordinatorError
+from aitbc_node.signing import NodeKey
+from tests.conftest import GENERATION_WAIT, ROOT, SMOL, NodeProcess, run_cli
 
 
 def test_version_and_help() -> None:
@@ -79,6 +85,125 @@ def test_keys_create_list_revoke(tmp_path: Path) -> None:
     assert listed[0]["revoked_at"] is not None
     missing = run_cli("keys", "revoke", "key-nope", "--data-dir", data, check=False)
     assert missing.returncode == 2 and "no key" in missing.stderr
+
+
+def test_keys_create_and_revoke_print_json(tmp_path: Path) -> None:
+    data = str(tmp_path / "data")
+    made = run_cli(
+        "keys", "create", "--role", "client", "--name", "dave", "--json", "--data-dir", data
+    )
+    created = json.loads(made.stdout)
+    assert created["key"].startswith("ait_client_")
+    assert "not shown again" in made.stderr
+    listed = json.loads(run_cli("keys", "list", "--json", "--data-dir", data).stdout)
+    assert listed == [{k: v for k, v in created.items() if k != "key"}]  # as `keys list`
+    revoked = json.loads(run_cli("keys", "revoke", "dave", "--json", "--data-dir", data).stdout)
+    assert revoked["key_id"] == created["key_id"] and revoked["revoked_at"] is not None
+    assert revoked == json.loads(run_cli("keys", "list", "--json", "--data-dir", data).stdout)[0]
+
+
+def _leaf_commands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every command that runs (`submit`, `keys create`...), with its parser."""
+    subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subcommands:
+        return [(path, parser)]
+    return [
+        leaf
+        for action in subcommands
+        for name, sub in action.choices.items()
+        for leaf in _leaf_commands(sub, (*path, name))
+    ]
+
+
+def test_every_command_that_prints_a_result_has_json() -> None:
+    leaves = dict(_leaf_commands(build_parser()))
+    assert ("verify",) in leaves and ("keys", "revoke") in leaves and ("submit",) in leaves
+    # serve and miner run until stopped; their output is a banner and logs (--log-format json).
+    without = {
+        path for path, parser in leaves.items() if "--json" not in parser._option_string_actions
+    }
+    assert without == {("serve",), ("miner",)}
+
+
+def _sealed_proof(node: NodeProcess, receipt_id: str) -> dict:
+    with CoordinatorClient(node.url, node.client_key) as client:
+        deadline = time.monotonic() + GENERATION_WAIT
+        while True:
+            try:
+                return client.get_receipt_proof(receipt_id)
+            except CoordinatorError as e:
+                assert e.error_code == "RECEIPT_NOT_SEALED", e
+                assert time.monotonic() < deadline, "the receipt was never sealed"
+                time.sleep(0.1)
+
+
+def test_verify_prints_json(node: NodeProcess, tmp_path: Path) -> None:
+    job = node.submit("Name a colour.", params={"max_tokens": 8, "seed": 3})
+    job = node.wait_for(job["job_id"], ("completed",), timeout=GENERATION_WAIT)
+    receipt = node.request("GET", f"/v1/receipts/{job['receipt_id']}").json()
+    proof = _sealed_proof(node, job["receipt_id"])
+    pubkey = node.request("GET", "/health").json()["node"]["public_key"]
+    (tmp_path / "r.json").write_text(json.dumps(receipt))
+    (tmp_path / "p.json").write_text(json.dumps(proof))
+
+    valid = run_cli("verify", str(tmp_path / "r.json"), "--pubkey", pubkey, "--json")
+    assert json.loads(valid.stdout) == {
+        "valid": True,
+        "receipt_id": receipt["receipt_id"],
+        "public_key": pubkey,
+        "reasons": [],
+    }
+    included = run_cli(
+        "verify", str(tmp_path / "r.json"), "--pubkey", pubkey, "--proof", str(tmp_path / "p.json")
+    )
+    as_json = run_cli(
+        "verify",
+        str(tmp_path / "r.json"),
+        "--pubkey",
+        pubkey,
+        "--proof",
+        str(tmp_path / "p.json"),
+        "--json",
+    )
+    verdict = json.loads(as_json.stdout)
+    assert verdict["valid"] is True and verdict["block_height"] == proof["block_height"]
+    assert f"block {proof['block_height']}" in included.stdout  # the text says the same
+
+    other = NodeKey.generate().public_key_hex
+    wrong = run_cli("verify", str(tmp_path / "r.json"), "--pubkey", other, "--json", check=False)
+    assert wrong.returncode == 1
+    verdict = json.loads(wrong.stdout)
+    assert verdict["valid"] is False and verdict["reasons"] and verdict["public_key"] == other
+
+    ledger = run_cli("verify", "--data-dir", str(node.data_dir), "--json")
+    verdict = json.loads(ledger.stdout)
+    assert verdict["valid"] is True and verdict["problems"] == [] and verdict["blocks"] >= 1
+    assert verdict["public_key"] == pubkey
+    assert {"receipts", "transactions", "unsealed"} <= set(verdict)
+
+
+@pytest.mark.parametrize(
+    ("args", "usage", "hint"),
+    [
+        (["keys", "revoke", "key-x", "--jsno"], "keys revoke", "--json"),
+        (
+            ["keys", "create", "--role", "client", "--name", "x", "--credt", "1"],
+            "keys create",
+            "--credit",
+        ),
+        (["verify", "r.json", "--pubky", "00"], "verify", "--pubkey"),
+        (["serve", "--prot", "8080"], "serve", "--port"),
+    ],
+)
+def test_a_flag_typo_shows_the_commands_usage_and_the_closest_flag(
+    args: list[str], usage: str, hint: str
+) -> None:
+    proc = run_cli(*args, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"usage: aitbc-node {usage} "), proc.stderr
+    assert proc.stderr.splitlines()[-1].endswith(f" (did you mean {hint}?)"), proc.stderr
 
 
 def test_a_taken_port_is_a_clear_error(tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
 """The Python client library (`aitbc_node.client`) against real nodes: long-polling, retries
-and Retry-After, typed errors, the async twin, and receipts verified here."""
+and Retry-After, typed errors, streaming, the async twin, and receipts verified here."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import threading
 import time
@@ -16,9 +17,10 @@ from aitbc_node.client import (
     CoordinatorClient,
     CoordinatorError,
     CoordinatorUnavailable,
+    JobFailed,
 )
 from aitbc_node.signing import NodeKey
-from tests.conftest import GENERATION_WAIT, SMOL, NodeProcess, free_port, run_cli
+from tests.conftest import GENERATION_WAIT, LONG_PROMPT, SMOL, NodeProcess, free_port, run_cli
 
 WAIT = GENERATION_WAIT  # seconds a job may take: the box is shared, generation can be slow
 
@@ -190,3 +192,158 @@ def test_the_async_client_submits_and_waits(node: NodeProcess) -> None:
             assert caught.value.error_code == "JOB_NOT_FOUND"
 
     asyncio.run(main())
+
+
+# -- streaming ------------------------------------------------------------------------------
+
+# Enough tokens for the text to come in several pieces (one event per 50 ms of generation).
+STREAM_PARAMS = {"max_tokens": 40, "temperature": 0, "seed": 7}
+
+
+def test_stream_job_pieces_join_to_the_result(node: NodeProcess) -> None:
+    with CoordinatorClient(node.url, node.client_key) as client:
+        job_id = client.submit_job(LONG_PROMPT, **STREAM_PARAMS)["job_id"]
+        pieces = list(client.stream_job(job_id, timeout=WAIT))
+        job = client.get_job(job_id)
+    assert job["status"] == "completed"
+    assert pieces and all(isinstance(piece, str) and piece for piece in pieces)
+    assert "".join(pieces) == job["result"]
+
+    async def main() -> tuple[list[str], dict]:
+        async with AsyncCoordinatorClient(node.url, node.client_key) as client:
+            job_id = (await client.submit_job(LONG_PROMPT, **STREAM_PARAMS))["job_id"]
+            pieces = [piece async for piece in client.stream_job(job_id, timeout=WAIT)]
+            return pieces, await client.get_job(job_id)
+
+    pieces, job = asyncio.run(main())
+    assert job["status"] == "completed"
+    assert pieces and all(isinstance(piece, str) and piece for piece in pieces)
+    assert "".join(pieces) == job["result"]
+
+
+def test_stream_job_follows_the_miner_and_reports_how_the_job_ended(start_node) -> None:
+    node = start_node("--no-miner")
+    miner_key = node.register_miner("m")
+    with (
+        CoordinatorClient(node.url, node.client_key) as client,
+        CoordinatorClient(node.url, miner_key) as miner,
+    ):
+        job_id = client.submit_job("Say hello", model=SMOL)["job_id"]
+        miner.claim_job(job_id, "m")
+        miner.report_progress(job_id, "m", "Hel")
+        stream = client.stream_job(job_id)
+        assert next(stream) == "Hel"  # a late joiner gets the text so far
+        miner.report_progress(job_id, "m", "lo")
+        assert next(stream) == "lo"  # each piece the moment the miner sends it
+        usage = {"prompt_tokens": 3, "completion_tokens": 2}
+        miner.complete_job(job_id, "m", "Hello world", usage=usage)
+        assert list(stream) == [" world"]  # the rest of the result, then the end
+        assert list(client.stream_job(job_id)) == ["Hello world"]  # after the end: all of it
+
+        failing = client.submit_job("fail me", model=SMOL)["job_id"]
+        miner.claim_job(failing, "m")
+        miner.report_progress(failing, "m", "partial")
+        stream = client.stream_job(failing)
+        assert next(stream) == "partial"
+        miner.fail_job(failing, "m", "no GPU")
+        with pytest.raises(JobFailed) as caught:
+            next(stream)
+        assert caught.value.job["status"] == "failed"
+        assert caught.value.job["error_code"] == "MINER_ERROR"
+        assert str(caught.value) == f"job {failing} failed: no GPU (MINER_ERROR)"
+
+        cancelled = client.submit_job("cancel me", model=SMOL)["job_id"]
+        client.cancel_job(cancelled)
+        with pytest.raises(JobFailed, match=f"job {cancelled} was cancelled"):
+            list(client.stream_job(cancelled))
+
+        pending = client.submit_job("nobody claims me", model=SMOL)["job_id"]
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            list(client.stream_job(pending, timeout=0.5))
+        assert time.monotonic() - started >= 0.5
+        assert client.get_job(pending)["status"] == "pending"  # it goes on
+        with pytest.raises(CoordinatorError) as error:
+            list(client.stream_job("job-0000000000000000"))
+        assert (error.value.status, error.value.error_code) == (404, "JOB_NOT_FOUND")
+
+
+def test_the_async_client_streams_and_has_the_miner_calls(start_node) -> None:
+    node = start_node("--no-miner")
+    miner_key = node.register_miner("m")
+
+    async def main() -> None:
+        async with (
+            AsyncCoordinatorClient(node.url, node.client_key) as client,
+            AsyncCoordinatorClient(node.url, miner_key) as miner,
+        ):
+            assert (await miner.whoami())["identity"] == "m"
+            registered = await miner.register_miner("m", [SMOL], {"backend": "test"})
+            assert registered["miner_id"] == "m"
+            job_id = (await client.submit_job("Say hello", model=SMOL))["job_id"]
+            assert job_id in [j["job_id"] for j in await miner.available_jobs("m", wait=5)]
+            await miner.claim_job(job_id, "m")
+            await miner.release_job(job_id, "m")  # back to the queue, and claimed again
+            await miner.claim_job(job_id, "m")
+            await miner.heartbeat("m")
+            await miner.report_progress(job_id, "m", "Hi")
+            stream = client.stream_job(job_id)
+            assert await anext(stream) == "Hi"
+            await miner.complete_job(job_id, "m", "Hi there")
+            assert [piece async for piece in stream] == [" there"]
+            job = await client.get_job(job_id)
+            assert job["status"] == "completed"
+
+            failing = (await client.submit_job("fail me", model=SMOL))["job_id"]
+            await miner.claim_job(failing, "m")
+            await miner.fail_job(failing, "m", "no GPU")
+            with pytest.raises(JobFailed, match="no GPU"):
+                _ = [piece async for piece in client.stream_job(failing)]
+            pending = (await client.submit_job("nobody claims me", model=SMOL))["job_id"]
+            with pytest.raises(TimeoutError):
+                _ = [piece async for piece in client.stream_job(pending, timeout=0.5)]
+
+            pubkey = await client.node_public_key_or_fetch()
+            assert pubkey == pinned_key(node)
+            receipt = await client.get_receipt(job["receipt_id"])
+            assert (await client.verify_receipt(receipt)).valid
+            deadline = time.monotonic() + WAIT
+            while True:  # the proof exists once the next block seals the receipt
+                try:
+                    proof = await client.get_receipt_proof(job["receipt_id"])
+                    break
+                except CoordinatorError as e:
+                    assert e.error_code == "RECEIPT_NOT_SEALED", e
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.1)
+            assert proof["receipt_id"] == job["receipt_id"]
+        await client.close()  # the sync client's name works too (and twice is harmless)
+
+    asyncio.run(main())
+
+
+def _public_methods(cls: type) -> dict[str, inspect.Signature]:
+    return {
+        name: inspect.signature(member)
+        for name, member in inspect.getmembers(cls, inspect.isfunction)
+        if not name.startswith("_")
+    }
+
+
+def test_the_async_client_has_every_method_of_the_sync_one() -> None:
+    sync, asynchronous = (
+        _public_methods(CoordinatorClient),
+        _public_methods(AsyncCoordinatorClient),
+    )
+    assert set(sync) <= set(asynchronous), set(sync) - set(asynchronous)
+    assert set(asynchronous) - set(sync) == {"aclose"}  # httpx's name, beside `close`
+    for name, signature in sync.items():
+        # The same parameters: names, kinds, defaults and types (the returns differ: awaited).
+        assert list(asynchronous[name].parameters.values()) == list(
+            signature.parameters.values()
+        ), name
+        member = getattr(AsyncCoordinatorClient, name)
+        if name == "stream_job":
+            assert inspect.isasyncgenfunction(member)
+        else:
+            assert inspect.iscoroutinefunction(member), name

@@ -8,6 +8,7 @@ import json
 import os
 import pty
 import re
+import shlex
 import struct
 import subprocess
 import sys
@@ -19,7 +20,15 @@ from typing import Any
 import pytest
 
 from aitbc_node.signing import NodeKey
-from tests.conftest import GENERATION_WAIT, ROOT, SMOL, NodeProcess, free_port, run_cli
+from tests.conftest import (
+    GENERATION_WAIT,
+    LONG_PROMPT,
+    ROOT,
+    SMOL,
+    NodeProcess,
+    free_port,
+    run_cli,
+)
 
 JOB_ID = re.compile(r"job-[0-9a-f]{16}")
 COMMANDS = ("submit", "jobs", "job", "cancel", "receipt", "stats")
@@ -175,7 +184,7 @@ def test_submit_prints_the_job_id_and_jobs_and_job_show_it(node: NodeProcess) ->
     assert completed["jobs"] and {j["status"] for j in completed["jobs"]} == {"completed"}
     one = aitbc("jobs", "--limit", "1", env=env)
     assert len(one.stdout.splitlines()) == 2  # the header and one job
-    assert re.fullmatch(r"aitbc-node: more: aitbc-node jobs --cursor \S+\n", one.stderr)
+    assert re.fullmatch(r"aitbc-node: more: aitbc-node jobs --limit 1 --cursor \S+\n", one.stderr)
 
 
 def test_submit_wait_on_a_terminal_shows_the_state_on_one_line(start_node) -> None:
@@ -248,6 +257,174 @@ def test_submit_wait_on_a_terminal_shows_the_state_on_one_line(start_node) -> No
     assert lines[-2].strip() == "" and lines[-1] == "", terminal  # cleared at the end
 
 
+class Terminal:
+    """A pseudo-terminal for a command's output, read on a thread as the command writes."""
+
+    def __init__(self) -> None:
+        self.master, self.slave = pty.openpty()
+        fcntl.ioctl(self.slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+        self.seen = bytearray()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+
+    def start(self) -> None:
+        """Once the command has the terminal: close this side's copy and read."""
+        os.close(self.slave)
+        self.reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.master, 4096)
+            except OSError:  # EIO: every writer has closed the terminal
+                return
+            if not chunk:
+                return
+            self.seen.extend(chunk)
+
+    def wait_until_shown(self, text: str, proc: subprocess.Popen) -> None:
+        """Until `text` is on the terminal, while `proc` is still running."""
+        deadline = time.monotonic() + WAIT
+        while text.encode() not in self.seen:
+            assert proc.poll() is None, (proc.returncode, bytes(self.seen))
+            assert time.monotonic() < deadline, f"{text!r} never shown: {bytes(self.seen)!r}"
+            time.sleep(0.05)
+
+    def text(self) -> str:
+        """All that was shown once the command has ended, with the terminal's \r\n as \n."""
+        self.reader.join(WAIT)
+        os.close(self.master)
+        return bytes(self.seen).decode().replace("\r\n", "\n")
+
+
+def new_job_id(node: NodeProcess, before: set[str], proc: subprocess.Popen) -> str:
+    """The id of the job a command just submitted: the one not in `before`."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        jobs = node.request("GET", "/v1/jobs", node.client_key).json()["jobs"]
+        new = [j["job_id"] for j in jobs if j["job_id"] not in before]
+        if new:
+            return new[0]
+        assert proc.poll() is None and time.monotonic() < deadline, "the job never appeared"
+        time.sleep(0.05)
+
+
+def job_ids(node: NodeProcess) -> set[str]:
+    jobs = node.request("GET", "/v1/jobs", node.client_key, params={"limit": 100}).json()["jobs"]
+    return {j["job_id"] for j in jobs}
+
+
+SPEED_LINE = r"aitbc-node: (\d+) tokens, (\d+\.\d) tokens/s, first token after (\d+\.\d\d) s\n"
+
+
+def test_submit_wait_on_a_terminal_prints_the_answer_as_it_streams(start_node) -> None:
+    node = start_node("--no-miner")
+    miner_key = node.register_miner("m")
+    terminal = Terminal()
+    before = job_ids(node)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aitbc_node", "submit", "Hi", "--model", SMOL, "--wait"],
+        stdout=terminal.slave,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=client_env(node),
+    )
+    terminal.start()
+    try:
+        job_id = new_job_id(node, before, proc)
+        r = node.request("POST", f"/v1/jobs/{job_id}/claim", miner_key, json={"miner_id": "m"})
+        assert r.status_code == 200, r.text
+        for text in ("Hello", " from"):
+            r = node.request(
+                "POST",
+                f"/v1/jobs/{job_id}/progress",
+                miner_key,
+                json={"miner_id": "m", "text": text},
+            )
+            assert r.status_code == 200, r.text
+            # On the terminal while the job still runs (and the command still waits).
+            terminal.wait_until_shown(text, proc)
+        r = node.request(
+            "POST",
+            f"/v1/jobs/{job_id}/complete",
+            miner_key,
+            json={
+                "miner_id": "m",
+                "result": "Hello from the stream",
+                "usage": {"prompt_tokens": 5, "completion_tokens": 4},
+            },
+        )
+        assert r.status_code == 200, r.text
+        _, err = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert terminal.text() == "Hello from the stream\n"  # as piped, but as it came
+    assert re.fullmatch(SPEED_LINE, err), err
+    assert re.fullmatch(SPEED_LINE, err).group(1) == "4"
+
+    # Streaming keeps the exit statuses: 5 when --timeout runs out, 1 for a cancelled job.
+    def on_a_terminal(*extra: str) -> tuple[subprocess.Popen, Terminal]:
+        terminal = Terminal()
+        command = ["submit", "Hi", "--model", SMOL, "--wait", *extra]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "aitbc_node", *command],
+            stdout=terminal.slave,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=client_env(node),
+        )
+        terminal.start()
+        return proc, terminal
+
+    proc, terminal = on_a_terminal("--timeout", "0.5")
+    _, err = proc.communicate(timeout=WAIT)
+    assert proc.returncode == 5, err
+    assert "gave up waiting after 0.5 s" in err
+    assert terminal.text() == ""
+    before = job_ids(node)
+    proc, terminal = on_a_terminal()
+    job_id = new_job_id(node, before, proc)
+    assert node.request("POST", f"/v1/jobs/{job_id}/cancel", node.client_key).status_code == 200
+    _, err = proc.communicate(timeout=WAIT)
+    assert proc.returncode == 1
+    assert err == f"aitbc-node: job {job_id} was cancelled\n"
+    assert terminal.text() == ""
+
+
+def test_submit_wait_streams_the_models_answer_to_a_terminal(node: NodeProcess) -> None:
+    terminal = Terminal()
+    before = job_ids(node)
+    submit = ["submit", LONG_PROMPT, "--max-tokens", "40", "--temperature", "0", "--wait"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aitbc_node", *submit],
+        stdout=terminal.slave,
+        stderr=terminal.slave,  # as a user sees it: both on the one terminal
+        cwd=ROOT,
+        env=client_env(node),
+    )
+    terminal.start()
+    try:
+        assert proc.wait(WAIT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    (job_id,) = job_ids(node) - before
+    job = node.job(job_id)
+    assert job["status"] == "completed"
+    shown = terminal.text()
+    # A status line (\r..., cleared) may come first if the first token was slow.
+    shown = shown[shown.rfind("\r") + 1 :]
+    assert shown.startswith(job["result"] + "\n"), shown
+    speed = re.fullmatch(SPEED_LINE, shown.removeprefix(job["result"] + "\n"))
+    assert speed, shown
+    assert int(speed.group(1)) == job["usage"]["completion_tokens"]
+
+
 def test_submit_wait_exits_1_when_the_job_fails_or_is_cancelled(start_node) -> None:
     node = start_node("--no-miner")
     miner_key = node.register_miner("m")
@@ -300,6 +477,52 @@ def test_submit_wait_exits_1_when_the_job_fails_or_is_cancelled(start_node) -> N
     assert node.job(job_id)["status"] == "pending"
 
 
+# -- jobs ----------------------------------------------------------------------------------
+
+
+def test_the_pager_hint_keeps_the_filters(start_node) -> None:
+    node = start_node("--no-miner")
+    miner_key = node.register_miner("m")
+    completed = []
+    for n in range(3):
+        job_id = node.submit(f"job {n}")["job_id"]
+        node.request("POST", f"/v1/jobs/{job_id}/claim", miner_key, json={"miner_id": "m"})
+        r = node.request(
+            "POST",
+            f"/v1/jobs/{job_id}/complete",
+            miner_key,
+            json={"miner_id": "m", "result": f"done {n}"},
+        )
+        assert r.status_code == 200, r.text
+        completed.append(job_id)
+    node.submit("still pending")
+
+    first = aitbc("jobs", "--status", "completed", "--limit", "2", *flags(node))
+    assert first.returncode == 0, first.stderr
+    hint = re.fullmatch(r"aitbc-node: more: (.+)\n", first.stderr)
+    assert hint, first.stderr
+    command = shlex.split(hint.group(1))
+    assert command[:2] == ["aitbc-node", "jobs"]
+    assert node.client_key not in hint.group(1)  # never the secret
+    cursor = command[command.index("--cursor") + 1]
+    assert command[2:] == [
+        "--url",
+        node.url,
+        "--status",
+        "completed",
+        "--limit",
+        "2",
+        "--cursor",
+        cursor,
+    ]
+    # The hinted command, as a user pastes it (the key from the environment), goes on.
+    second = aitbc(*command[1:], env=client_env(node))
+    assert second.returncode == 0, second.stderr
+    assert second.stderr == ""  # the last page: no hint
+    shown = [line.split()[0] for out in (first, second) for line in out.stdout.splitlines()[1:]]
+    assert sorted(shown) == sorted(completed)  # every completed job once, and nothing else
+
+
 # -- cancel --------------------------------------------------------------------------------
 
 
@@ -314,6 +537,11 @@ def test_cancel_and_cancel_again(start_node) -> None:
     assert cancelled.returncode == 0, cancelled.stderr
     assert cancelled.stdout == f"cancelled {job_id}\n"
     assert node.job(job_id)["status"] == "cancelled"
+    other = aitbc("submit", "also never served", "--model", SMOL, *flags(node)).stdout.strip()
+    as_json = aitbc("cancel", other, "--json", *flags(node))
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout) == node.job(other)
+    assert node.job(other)["status"] == "cancelled"
 
     again = aitbc("cancel", job_id, *flags(node))
     assert_api_error(again, "JOB_ALREADY_FINISHED")
@@ -434,6 +662,37 @@ def test_usage_errors_exit_2(node: NodeProcess) -> None:
     assert aitbc("job", *flags(node)).returncode == 2  # no JOB_ID
     bad_url = aitbc("stats", "--url", "127.0.0.1:8080/api")
     assert bad_url.returncode == 2 and "http://" in bad_url.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "hint"),
+    [
+        (["submit", "hi", "--max-token", "5"], "--max-tokens"),
+        (["submit", "hi", "--wiat"], "--wait"),
+        (["jobs", "--stauts", "completed"], "--status"),
+        (["job", "job-0000000000000000", "--jsno"], "--json"),
+        (["receipt", "rcpt-0000000000000000", "--verfy"], "--verify"),
+        (["stats", "--url=http://127.0.0.1:1/api", "--retires=0"], "--retries"),
+    ],
+)
+def test_a_flag_typo_shows_the_commands_usage_and_the_closest_flag(
+    args: list[str], hint: str
+) -> None:
+    proc = aitbc(*args, "--api-key", "k")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    command = args[0]
+    assert proc.stderr.startswith(f"usage: aitbc-node {command} "), proc.stderr
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith(f"aitbc-node {command}: error: unrecognized arguments: "), last
+    assert last.endswith(f" (did you mean {hint}?)"), last
+
+
+def test_an_unknown_flag_with_no_close_one_gets_no_guess() -> None:
+    proc = aitbc("submit", "hi", "--xyzzy", "--api-key", "k")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("usage: aitbc-node submit ")
+    assert proc.stderr.endswith("aitbc-node submit: error: unrecognized arguments: --xyzzy\n")
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -16,13 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Route, expect
 
 try:
-    from tests.browser import DESKTOP, PHONE, Watch, launch, screenshot
+    from tests.browser import DESKTOP, PHONE, Watch, screenshot
     from tests.conftest import GENERATION_WAIT, SMOL, NodeProcess
 except ModuleNotFoundError:  # plain `pytest`: tests/ is on sys.path, the repository root is not
-    from browser import DESKTOP, PHONE, Watch, launch, screenshot
+    from browser import DESKTOP, PHONE, Watch, screenshot
     from conftest import GENERATION_WAIT, SMOL, NodeProcess
 
 # How long the page may take to show something (ms): a bound for a busy machine, not a budget.
@@ -38,15 +38,8 @@ FIRST_READS = {
     "/api/explorer/blocks",
     "/api/explorer/transactions",
     "/api/explorer/receipts",
+    "/api/explorer/timeseries",
 }
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        chromium = launch(playwright)
-        yield chromium
-        chromium.close()
 
 
 def open_page(browser: Browser, viewport: dict[str, int] | None = None) -> tuple[Page, Watch]:
