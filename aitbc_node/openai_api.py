@@ -342,7 +342,12 @@ def _cancel_soon(node: Node, principal: Principal, job_id: str) -> None:
         except ApiError:
             pass  # it ended meanwhile
 
-    future = asyncio.get_running_loop().run_in_executor(api.store_pool(), cancel)
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # a stream finalised outside the event loop: cancel right here
+        cancel()
+        return
+    future = loop.run_in_executor(api.store_pool(), cancel)
     future.add_done_callback(lambda f: f.exception() and log.error("cancel: %s", f.exception()))
 
 

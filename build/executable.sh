@@ -4,6 +4,7 @@
 #   bash build/executable.sh --no-model   dist/aitbc-node-nomodel: bring your own GGUF (--model)
 #   bash build/executable.sh --compress   zlib-compress the bundled libraries: ~70 MB smaller,
 #                                         ~0.3 s slower at every start (see packaging/README.md)
+# It also writes dist/SHA256SUMS, signed with the release key (build/sign_release.py).
 # The spec is packaging/aitbc-node.spec; work files go to build/work/. The first build takes
 # about a minute on two cores; later ones reuse PyInstaller's analysis cache.
 set -euo pipefail
@@ -15,7 +16,7 @@ for arg in "$@"; do
   case "$arg" in
     --no-model) model=no ;;
     --compress) compress=1 ;;
-    -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "build/executable.sh: unknown option $arg (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -58,3 +59,6 @@ AITBC_BUNDLE_MODEL="$gguf" AITBC_EXE_NAME="$name" AITBC_COMPRESS="$compress" \
 size=$(stat -c %s "dist/$name")
 echo "built dist/$name ($((size / 1000000)) MB)"
 "dist/$name" --version
+# dist/SHA256SUMS, signed with the release key (see build/sign_release.py and the README's
+# "Verifying a download").
+.venv/bin/python build/sign_release.py dist

