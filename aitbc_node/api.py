@@ -158,6 +158,12 @@ def request_api_key(request: Request) -> str | None:
     return token.strip() or None
 
 
+async def ended_job(node: Node, job_id: str) -> dict[str, Any] | None:
+    """The job's view once it has ended, else None (a check for `Waiters.until`)."""
+    job = await in_thread(node.jobs.peek, job_id)
+    return job if job["status"] in TERMINAL else None
+
+
 async def authorized(request: Request, fn: Callable[[Principal], T]) -> T:
     """Authenticate the request's API key, then run `fn(principal)` off the event loop."""
     node = _node(request)
@@ -412,11 +418,9 @@ async def get_job(request: Request, job_id: JobId, wait: Wait = 0) -> Job:
     if job["status"] in TERMINAL or wait == 0:
         return job
 
-    async def ended() -> dict[str, Any] | None:
-        current = await in_thread(node.jobs.peek, job_id)
-        return current if current["status"] in TERMINAL else None
-
-    done = await node.signals.waiters.until(ended, (job_key(job_id),), wait)
+    done = await node.signals.waiters.until(
+        lambda: ended_job(node, job_id), (job_key(job_id),), wait
+    )
     return done or await in_thread(node.jobs.peek, job_id)
 
 

@@ -31,7 +31,6 @@ from msgspec import UNSET
 
 from aitbc_node import api
 from aitbc_node.errors import ApiError, BadRequest, Conflict, NotFound, ServiceUnavailable
-from aitbc_node.jobs import TERMINAL
 from aitbc_node.keys import Principal
 from aitbc_node.openai_schemas import (
     ChatCompletionRequest,
@@ -355,16 +354,13 @@ async def until_ended(
     request: Request, node: Node, principal: Principal, job_id: str
 ) -> dict[str, Any]:
     """The job once it has ended; its job is cancelled if the client goes away first."""
-
-    async def ended() -> dict[str, Any] | None:
-        job = await api.in_thread(node.jobs.peek, job_id)
-        return job if job["status"] in TERMINAL else None
-
     gone = asyncio.ensure_future(_client_gone(request))
     try:
         while True:
             wait = asyncio.ensure_future(
-                node.signals.waiters.until(ended, (job_key(job_id),), WAIT_SLICE_SECONDS)
+                node.signals.waiters.until(
+                    lambda: api.ended_job(node, job_id), (job_key(job_id),), WAIT_SLICE_SECONDS
+                )
             )
             await asyncio.wait({wait, gone}, return_when=asyncio.FIRST_COMPLETED)
             if not wait.done():

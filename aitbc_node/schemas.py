@@ -574,20 +574,6 @@ class ExplorerStats(Struct):
 Window = Literal["hour", "day"]
 
 
-class TimePoint(Struct):
-    """One bucket of `GET /explorer/timeseries`: jobs that ended in it, and the queue at its
-    end (or now, for the bucket still running)."""
-
-    start: Timestamp
-    jobs_completed: int
-    jobs_failed: int
-    tokens: int
-    tokens_per_second: float
-    queue_depth: int
-    latency_p50_ms: int | None
-    latency_p95_ms: int | None
-
-
 class WindowTotals(Struct):
     """The whole window's numbers; `queue_depth` is the queue now."""
 
@@ -598,6 +584,13 @@ class WindowTotals(Struct):
     queue_depth: int
     latency_p50_ms: int | None
     latency_p95_ms: int | None
+
+
+class TimePoint(WindowTotals):
+    """One bucket of `GET /explorer/timeseries`: jobs that ended in it, and the queue at its
+    end (or now, for the bucket still running), from `start` on."""
+
+    start: Timestamp
 
 
 class ModelWork(Struct):

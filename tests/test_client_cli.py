@@ -313,16 +313,12 @@ def job_ids(node: NodeProcess) -> set[str]:
     return {j["job_id"] for j in jobs}
 
 
-SPEED_LINE = r"aitbc-node: (\d+) tokens, (\d+\.\d) tokens/s, first token after (\d+\.\d\d) s\n"
-
-
-def test_submit_wait_on_a_terminal_prints_the_answer_as_it_streams(start_node) -> None:
-    node = start_node("--no-miner")
-    miner_key = node.register_miner("m")
+def on_a_terminal(node: NodeProcess, *extra: str) -> tuple[subprocess.Popen, Terminal]:
+    """`submit "Hi" --wait` with stdout on a pseudo-terminal (stderr piped)."""
     terminal = Terminal()
-    before = job_ids(node)
+    command = ["submit", "Hi", "--model", SMOL, "--wait", *extra]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "aitbc_node", "submit", "Hi", "--model", SMOL, "--wait"],
+        [sys.executable, "-m", "aitbc_node", *command],
         stdout=terminal.slave,
         stderr=subprocess.PIPE,
         text=True,
@@ -330,6 +326,17 @@ def test_submit_wait_on_a_terminal_prints_the_answer_as_it_streams(start_node) -
         env=client_env(node),
     )
     terminal.start()
+    return proc, terminal
+
+
+SPEED_LINE = r"aitbc-node: (\d+) tokens, (\d+\.\d) tokens/s, first token after (\d+\.\d\d) s\n"
+
+
+def test_submit_wait_on_a_terminal_prints_the_answer_as_it_streams(start_node) -> None:
+    node = start_node("--no-miner")
+    miner_key = node.register_miner("m")
+    before = job_ids(node)
+    proc, terminal = on_a_terminal(node)
     try:
         job_id = new_job_id(node, before, proc)
         r = node.request("POST", f"/v1/jobs/{job_id}/claim", miner_key, json={"miner_id": "m"})
@@ -366,27 +373,13 @@ def test_submit_wait_on_a_terminal_prints_the_answer_as_it_streams(start_node) -
     assert re.fullmatch(SPEED_LINE, err).group(1) == "4"
 
     # Streaming keeps the exit statuses: 5 when --timeout runs out, 1 for a cancelled job.
-    def on_a_terminal(*extra: str) -> tuple[subprocess.Popen, Terminal]:
-        terminal = Terminal()
-        command = ["submit", "Hi", "--model", SMOL, "--wait", *extra]
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "aitbc_node", *command],
-            stdout=terminal.slave,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-            env=client_env(node),
-        )
-        terminal.start()
-        return proc, terminal
-
-    proc, terminal = on_a_terminal("--timeout", "0.5")
+    proc, terminal = on_a_terminal(node, "--timeout", "0.5")
     _, err = proc.communicate(timeout=WAIT)
     assert proc.returncode == 5, err
     assert "gave up waiting after 0.5 s" in err
     assert terminal.text() == ""
     before = job_ids(node)
-    proc, terminal = on_a_terminal()
+    proc, terminal = on_a_terminal(node)
     job_id = new_job_id(node, before, proc)
     assert node.request("POST", f"/v1/jobs/{job_id}/cancel", node.client_key).status_code == 200
     _, err = proc.communicate(timeout=WAIT)
