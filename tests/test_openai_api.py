@@ -253,7 +253,14 @@ def test_a_burst_past_the_rate_limit_raises_RateLimitError_after_retries(
     def count(request: httpx.Request) -> None:
         retries.append(int(request.headers.get("x-stainless-retry-count", 0)))
 
-    ai = client(node, max_retries=2, http_client=httpx.Client(event_hooks={"request": [count]}))
+    # A new connection per request: a retry after Retry-After's 5 s must not race the node's
+    # 5 s keep-alive timeout on an idle pooled connection (a reset, not the 429 under test).
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    ai = client(
+        node,
+        max_retries=2,
+        http_client=httpx.Client(event_hooks={"request": [count]}, limits=fresh),
+    )
 
     def call() -> str:
         try:
