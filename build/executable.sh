@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
-# Builds the one-file Linux executable of aitbc-node with PyInstaller, from .venv:
+# Builds the one-file Linux executable of aitbc-node with PyInstaller:
 #   bash build/executable.sh              dist/aitbc-node: the node and its embedded default model
 #   bash build/executable.sh --no-model   dist/aitbc-node-nomodel: bring your own GGUF (--model)
 #   bash build/executable.sh --compress   zlib-compress the bundled libraries: ~70 MB smaller,
 #                                         ~0.3 s slower at every start (see packaging/README.md)
-# It also writes dist/SHA256SUMS, signed with the release key (build/sign_release.py).
-# The spec is packaging/aitbc-node.spec; work files go to build/work/. The first build takes
-# about a minute on two cores; later ones reuse PyInstaller's analysis cache.
+#   bash build/executable.sh --host       build from .venv on this machine instead: quicker,
+#                                         and needs no root, but runs only on a CPU and glibc
+#                                         like this machine's (development builds)
+# By default it builds inside the Debian 11 root that build/release_root.sh prepares (as root;
+# the first time takes 30-60 minutes, mostly llama.cpp): an executable that runs on glibc 2.31
+# and newer and on any x86-64 CPU from SSE4.2 on, with llama.cpp's best variant for the CPU
+# it finds itself on. It also writes dist/SHA256SUMS, signed with the release key
+# (build/sign_release.py). The spec is packaging/aitbc-node.spec.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 model=yes
 compress=0
+where=release
 for arg in "$@"; do
   case "$arg" in
     --no-model) model=no ;;
     --compress) compress=1 ;;
-    -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --host) where=host ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "build/executable.sh: unknown option $arg (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -52,9 +59,30 @@ fi
 
 # Always assemble a fresh executable: the model section is added after PyInstaller is done.
 rm -f "dist/$name"
-AITBC_BUNDLE_MODEL="$gguf" AITBC_EXE_NAME="$name" AITBC_COMPRESS="$compress" \
-  .venv/bin/pyinstaller --noconfirm --log-level WARN \
-  --workpath build/work --distpath dist packaging/aitbc-node.spec
+mkdir -p dist
+if [ "$where" = host ]; then
+  AITBC_BUNDLE_MODEL="$gguf" AITBC_EXE_NAME="$name" AITBC_COMPRESS="$compress" \
+    .venv/bin/pyinstaller --noconfirm --log-level WARN \
+    --workpath build/work --distpath dist packaging/aitbc-node.spec
+else
+  bash build/release_root.sh
+  # The sources PyInstaller reads, copied into the root (no bind mounts: a container may not
+  # allow them); its analysis cache stays in /opt/pyinstaller-work between builds.
+  src=build/work/debian11/opt/src/aitbc-node
+  rm -rf "$src" && mkdir -p "$src/model"
+  cp -r aitbc_node packaging pyproject.toml "$src/"
+  find "$src" -name __pycache__ -prune -exec rm -rf {} +
+  bundled=
+  if [ -n "$gguf" ]; then
+    cp "$gguf" "$src/model/" && bundled=/opt/src/aitbc-node/model/$(basename "$gguf")
+  fi
+  # PYTHONPATH: aitbc_node is not installed in the root's venv; the spec collects it from here.
+  bash build/release_root.sh --run "cd /opt/src/aitbc-node && PYTHONPATH=/opt/src/aitbc-node \
+    AITBC_BUNDLE_MODEL='$bundled' \
+    AITBC_EXE_NAME='$name' AITBC_COMPRESS='$compress' pyinstaller --noconfirm --log-level WARN \
+    --workpath /opt/pyinstaller-work --distpath dist packaging/aitbc-node.spec"
+  cp "$src/dist/$name" "dist/$name"
+fi
 
 size=$(stat -c %s "dist/$name")
 echo "built dist/$name ($((size / 1000000)) MB)"

