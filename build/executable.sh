@@ -8,9 +8,9 @@
 #                                         and needs no root, but runs only on a CPU and glibc
 #                                         like this machine's (development builds)
 # By default it builds inside the Debian 11 root that build/release_root.sh prepares (as root;
-# the first time takes 30-60 minutes, mostly llama.cpp): an executable that runs on glibc 2.31
-# and newer and on any x86-64 CPU from SSE4.2 on, with llama.cpp's best variant for the CPU
-# it finds itself on. It also writes dist/SHA256SUMS, signed with the release key
+# the first time takes about 18 minutes on two cores, mostly llama.cpp): an executable that
+# runs on glibc 2.31 and newer and on any x86-64 CPU from SSE4.2 on, with llama.cpp's best
+# variant for the CPU it finds itself on. It also writes dist/SHA256SUMS, signed with the release key
 # (build/sign_release.py). The spec is packaging/aitbc-node.spec.
 set -euo pipefail
 cd "$(dirname "$0")/.."

