@@ -49,26 +49,22 @@ EXIT_USAGE = 2  # bad arguments or input
 MAX_PARALLEL = 64
 
 
-def parallel_count(value: str) -> int:
-    """`--parallel`: a whole number of sequences, 1 to MAX_PARALLEL."""
-    try:
-        count = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if not 1 <= count <= MAX_PARALLEL:
-        raise argparse.ArgumentTypeError(f"{count} is not between 1 and {MAX_PARALLEL}")
-    return count
-
-
-def positive_int(value: str) -> int:
-    """A whole number of at least 1 (`selftest --tokens`)."""
+def whole_number(value: str, high: int | None = None) -> int:
+    """An argparse type: a whole number from 1 to `high` (no upper bound when None)."""
     try:
         number = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if high is not None and not 1 <= number <= high:
+        raise argparse.ArgumentTypeError(f"{number} is not between 1 and {high}")
     if number < 1:
         raise argparse.ArgumentTypeError(f"{number} is less than 1")
     return number
+
+
+def parallel_count(value: str) -> int:
+    """`--parallel`: a whole number of sequences, 1 to MAX_PARALLEL."""
+    return whole_number(value, MAX_PARALLEL)
 
 
 def proxy_network(value: str) -> str:
@@ -445,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", metavar="[NAME=]PATH", help="a GGUF model (default: the embedded one)"
     )
     selftest.add_argument(
-        "--tokens", type=positive_int, default=16, help="tokens to generate (%(default)s)"
+        "--tokens", type=whole_number, default=16, help="tokens to generate (%(default)s)"
     )
     selftest.add_argument("--gpu-layers", type=int, default=None, help="as for serve")
     selftest.add_argument("--threads", type=int, default=None, help="as for serve")
