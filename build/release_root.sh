@@ -9,8 +9,9 @@
 # Each step runs once; a stamp in build/work/debian11/.aitbc/ remembers it (delete the folder
 # to start over):
 #   1. debootstrap bullseye (--variant=buildd) with clang-16, libomp and CPython's libraries;
-#   2. CPython 3.11.2, the version .venv runs on (bookworm's python3.11), from Debian's orig
-#      tarball (its sha256 is checked), built with --enable-shared into /opt/python;
+#   2. CPython 3.11.2 (Debian 12's python3.11, the newest 3.11 source in Debian's archive;
+#      .venv runs whichever Python 3.11+ the machine has), from Debian's orig tarball (its
+#      sha256 is checked), built with --enable-shared into /opt/python;
 #   3. llama-cpp-python, the version .venv has, built with clang-16 for llama.cpp's run-time
 #      CPU dispatch: GGML_NATIVE=OFF, GGML_BACKEND_DL=ON, GGML_CPU_ALL_VARIANTS=ON (one
 #      libggml-cpu-<variant>.so per x86-64 level, from SSE4.2 to AVX-512 and AMX, the best one
@@ -26,7 +27,7 @@ cd "$(dirname "$0")/.."
 case "${1:-}" in
   "") ;;
   --run) [ $# = 2 ] || { echo "usage: build/release_root.sh [--run 'CMD']" >&2; exit 2; } ;;
-  -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "build/release_root.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
 esac
 
