@@ -47,7 +47,11 @@ from aitbc_node.schemas import (
     MAX_WAIT_SECONDS,
     BlockDetail,
     BlockList,
+    ClaimedJobs,
+    ClaimNext,
+    CompletedJobs,
     CompleteJob,
+    CompleteJobs,
     CreateWebhook,
     DeletedWebhook,
     DeliveryList,
@@ -83,7 +87,7 @@ from aitbc_node.schemas import (
     request_schemas,
 )
 from aitbc_node.schemas import Address as AddressView
-from aitbc_node.signals import WORK, job_key, progress_key
+from aitbc_node.signals import WORK, job_key, model_work_key, progress_key
 from aitbc_node.signing import key_id_for
 from aitbc_node.timeseries import timeseries
 
@@ -159,13 +163,18 @@ def request_api_key(request: Request) -> str | None:
 
 
 async def ended_job(node: Node, job_id: str) -> dict[str, Any] | None:
-    """The job's view once it has ended, else None (a check for `Waiters.until`)."""
-    job = await in_thread(node.jobs.peek, job_id)
+    """The job's view once it has ended, else None (a check for `Waiters.until`). Read here
+    on the event loop: one row by its key, and WAL reads never wait for the writer."""
+    job = node.jobs.peek(job_id)
     return job if job["status"] in TERMINAL else None
 
 
-async def authorized(request: Request, fn: Callable[[Principal], T]) -> T:
-    """Authenticate the request's API key, then run `fn(principal)` off the event loop."""
+async def authorized(
+    request: Request, fn: Callable[[Principal], T], *, reads_only: bool = False
+) -> T:
+    """Authenticate the request's API key, then run `fn(principal)` off the event loop, or
+    on it when `fn` only reads a few rows by key (`reads_only`): WAL reads never wait for
+    the writer, and a hop to the store's threads and back costs more than such a read."""
     node = _node(request)
     api_key = request_api_key(request)
 
@@ -174,7 +183,7 @@ async def authorized(request: Request, fn: Callable[[Principal], T]) -> T:
         node.rate_limiter.check(principal.role, principal.key_id)
         return fn(principal)
 
-    return await in_thread(call)
+    return call() if reads_only else await in_thread(call)
 
 
 def public(request: Request) -> Node:
@@ -414,7 +423,7 @@ async def get_job(request: Request, job_id: JobId, wait: Wait = 0) -> Job:
     """One job. With `wait=SECONDS` (up to 60) the answer comes as soon as the job ends, or
     with its current state when the time runs out."""
     node = _node(request)
-    job = await authorized(request, lambda p: node.jobs.get(p, job_id))
+    job = await authorized(request, lambda p: node.jobs.get(p, job_id), reads_only=True)
     if job["status"] in TERMINAL or wait == 0:
         return job
 
@@ -526,6 +535,44 @@ async def claim_job(request: Request, job_id: JobId, data: MinerRequest) -> Job:
     """Claim a pending job: `{miner_id}`. Of racing claims one wins, the others get 409."""
     jobs = _node(request).jobs
     return await authorized(request, lambda p: jobs.claim(p, job_id, data.miner_id))
+
+
+@operation(post, "/v1/jobs/claim-next", *BODY, *WRITES, 404, tag="miners")
+async def claim_next(request: Request, data: ClaimNext) -> ClaimedJobs:
+    """Take work: `{miner_id, max_jobs?, wait?}`. Up to `max_jobs` (1 to 64) pending jobs
+    for this miner's models, in turn by client, each handed to this miner alone: miners
+    asking together get different jobs, never a 409. With `wait=SECONDS` (up to 60) the
+    answer comes as soon as a job is submitted (an empty `jobs` when the time runs out). It
+    also renews the leases of the jobs this miner runs (`renewed`), as a heartbeat does."""
+    node = _node(request)
+    jobs = node.jobs
+    answer = await authorized(
+        request, lambda p: (p, jobs.claim_next(p, data), jobs.served_by(data.miner_id))
+    )
+    principal, claimed, models = answer
+    if claimed["jobs"] or data.wait == 0:
+        return claimed
+
+    async def claimed_now() -> dict[str, Any] | None:
+        # An indexed read, here on the loop (WAL reads never wait for the writer): only when
+        # a job is pending is a claim, a write, worth a trip to the store's threads.
+        if not jobs.has_pending(models):
+            return None
+        current = await in_thread(jobs.claim_next, principal, data)
+        return current if current["jobs"] else None
+
+    keys = tuple(model_work_key(model) for model in models)
+    return await node.signals.waiters.until(claimed_now, keys, data.wait) or claimed
+
+
+@operation(post, "/v1/jobs/complete", *BODY, *WRITES, 404, tag="miners")
+async def complete_jobs(request: Request, data: CompleteJobs) -> CompletedJobs:
+    """Complete several claimed jobs at once: `{miner_id, results: [{job_id, result, usage?,
+    model_sha256?, miner_signature?}]}` (1 to 64), in one transaction. Each result stands on
+    its own: one refused (already finished, not this miner's, a bad signature) comes back
+    with its `detail` and `error_code` and the others are recorded."""
+    jobs = _node(request).jobs
+    return await authorized(request, lambda p: jobs.complete_many(p, data))
 
 
 @operation(post, "/v1/jobs/{job_id:str}/release", *BODY, *WRITES, 404, 409, tag="miners")
@@ -681,7 +728,7 @@ async def explorer_receipts(
 async def explorer_stats(request: Request) -> ExplorerStats:
     """Chain height, receipts, transactions, jobs by status, miners, tokens, value moved."""
     node = public(request)
-    return await in_thread(lambda: node.explorer.stats(node.jobs.stats()))
+    return await in_thread(lambda: node.explorer.stats(node.miners.list()))
 
 
 @operation(get, "/explorer/timeseries", 400, tag="explorer", keyed=False)
@@ -852,6 +899,8 @@ def create_app(node: Node) -> Litestar:
             register_miner,
             heartbeat,
             claim_job,
+            claim_next,
+            complete_jobs,
             release_job,
             complete_job,
             fail_job,

@@ -6,12 +6,18 @@ against the signed or hashed document it indexes; every payment against its rece
 balance against the transactions; and that no identity has live keys of two roles (whose
 receipts and payments could not be told apart). The first break is named, with its block
 where it has one.
+
+From a height on (`--since HEIGHT`), the same for blocks HEIGHT to the tip, their receipts and
+transactions and the unsealed ones, reading only those rows (by the block_height indexes):
+block HEIGHT-1, checked before, is trusted as stored, and block HEIGHT must link to it. The
+balances are not re-summed then, since a balance adds up the whole history.
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +49,9 @@ class AuditReport:
     receipts: int = 0
     transactions: int = 0
     unsealed: int = 0
+    first_height: int = 0  # the first block checked (0: from genesis)
+    tip_height: int | None = None  # the last block checked: the chain's tip
+    balances_checked: bool = True
 
     @property
     def ok(self) -> bool:
@@ -64,13 +73,52 @@ def _where(height: int | None) -> str:
     return "unsealed" if height is None else f"block {height}"
 
 
-def audit(db: Connection, trusted_public_key_hex: str) -> AuditReport:
-    """Check the ledger in `db` against the trusted node key."""
-    report = AuditReport()
+def chain_tip(db: Connection) -> int | None:
+    """The height of the newest block (None for a store with no block)."""
+    row = db.one("SELECT max(height) AS h FROM blocks")
+    return row["h"] if row else None
+
+
+def _items_since(db: Connection, table: str, since: int) -> list[dict[str, Any]]:
+    """The rows of `table` sealed in blocks from `since` on, and the unsealed ones, in `seq`
+    order (the order of a block's leaves): range scans on the block_height index."""
+    rows = db.execute(f"SELECT * FROM {table} WHERE block_height >= ?", (since,))
+    rows += db.execute(f"SELECT * FROM {table} WHERE block_height IS NULL")
+    return sorted(rows, key=lambda r: r["seq"])
+
+
+def _receipts_paid_before(db: Connection, receipt_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """The signed receipts with these ids (sealed below the checked range, so trusted as
+    stored), for the payments in the range that pay for them."""
+    rows = db.execute(
+        "SELECT document FROM receipts WHERE receipt_id IN (SELECT value FROM json_each(?))",
+        (json.dumps(receipt_ids),),
+    )
+    found = {}
+    for row in rows:
+        with suppress(ValueError):  # one that does not parse is a payment without its receipt
+            document = json.loads(row["document"])
+            if isinstance(document, dict) and isinstance(document.get("receipt_id"), str):
+                found[document["receipt_id"]] = document
+    return found
+
+
+def audit(db: Connection, trusted_public_key_hex: str, since: int | None = None) -> AuditReport:
+    """Check the ledger in `db` against the trusted node key: the whole of it, or (`since`)
+    blocks `since` to the tip with their items and the unsealed ones, block `since` - 1
+    trusted as stored. ValueError for a `since` past the tip."""
+    report = AuditReport(first_height=since or 0, tip_height=chain_tip(db))
+    if since is not None and (report.tip_height is None or since > report.tip_height):
+        raise ValueError(f"--since {since} is past the chain's tip (block {report.tip_height})")
     problems = report.problems
-    blocks = db.execute("SELECT * FROM blocks ORDER BY height")
-    receipts = db.execute("SELECT * FROM receipts ORDER BY seq")
-    txs = db.execute("SELECT * FROM transactions ORDER BY seq")
+    if since is None:
+        blocks = db.execute("SELECT * FROM blocks ORDER BY height")
+        receipts = db.execute("SELECT * FROM receipts ORDER BY seq")
+        txs = db.execute("SELECT * FROM transactions ORDER BY seq")
+    else:
+        blocks = db.execute("SELECT * FROM blocks WHERE height >= ? ORDER BY height", (since,))
+        receipts = _items_since(db, "receipts", since)
+        txs = _items_since(db, "transactions", since)
     report.blocks, report.receipts, report.transactions = len(blocks), len(receipts), len(txs)
     heights = {b["height"] for b in blocks}
 
@@ -97,13 +145,21 @@ def audit(db: Connection, trusted_public_key_hex: str) -> AuditReport:
         else:
             leaves[row["block_height"]].append(sha256_hex(row["document"].encode()))
 
-    balances: dict[str, int] = defaultdict(int)
+    documents = []
     for row in txs:
         name = f"{_where(row['block_height'])}: transaction {row['tx_id']}"
         document, problem = _document(row, name)
         if document is None:
             problems.append(str(problem))
-            continue
+        else:
+            documents.append((row, name, document))
+    if since is not None:  # a payment in the range may pay for a receipt sealed before it
+        paid = {d.get("receipt_id") for _, _, d in documents if d.get("kind") == "payment"}
+        outside = [i for i in paid if isinstance(i, str) and i not in receipts_by_id]
+        receipts_by_id.update(_receipts_paid_before(db, outside))
+
+    balances: dict[str, int] = defaultdict(int)
+    for row, name, document in documents:
         for column, key in TX_COLUMNS.items():
             if row[column] != document.get(key):
                 problems.append(f"{name}: column {column} differs from its document")
@@ -134,7 +190,13 @@ def audit(db: Connection, trusted_public_key_hex: str) -> AuditReport:
 
     # -- the chain: links, hashes, signatures, roots ----------------------------------------
     previous_hash = GENESIS_PREV_HASH
-    for expected, row in enumerate(blocks):
+    if since:  # the block before the range, trusted as stored
+        before = db.one("SELECT block_hash FROM blocks WHERE height = ?", (since - 1,))
+        if before is None:
+            problems.append(f"block {since - 1} is missing: block {since} has none to link to")
+        else:
+            previous_hash = before["block_hash"]
+    for expected, row in enumerate(blocks, start=since or 0):
         height = row["height"]
         if height != expected:
             problems.append(f"block {expected} is missing: the chain jumps to block {height}")
@@ -162,19 +224,26 @@ def audit(db: Connection, trusted_public_key_hex: str) -> AuditReport:
             problems.append(f"block {height}: its receipt or transaction count is wrong")
         previous_hash = row["block_hash"]
 
-    # -- balances ----------------------------------------------------------------------------
-    accounts = {r["address"]: r["balance"] for r in db.execute("SELECT * FROM accounts")}
-    for address in sorted(set(accounts) | set(balances)):
-        if accounts.get(address, 0) != balances.get(address, 0):
-            problems.append(
-                f"account {address}: balance {accounts.get(address, 0)} nAIT, but its"
-                f" transactions add up to {balances.get(address, 0)}"
-            )
+    # -- balances: each adds up the whole history, so not from a height on ------------------
+    report.balances_checked = since is None
+    if report.balances_checked:
+        problems += _balance_problems(db, balances)
 
     # -- identities: one role each, or one key reads another's jobs and is paid as it ----
     problems += identity_role_conflicts(db)
     problems.sort(key=_block_order)
     return report
+
+
+def _balance_problems(db: Connection, balances: dict[str, int]) -> list[str]:
+    """Each account whose stored balance is not what its transactions add up to."""
+    accounts = {r["address"]: r["balance"] for r in db.execute("SELECT * FROM accounts")}
+    return [
+        f"account {address}: balance {accounts.get(address, 0)} nAIT, but its"
+        f" transactions add up to {balances.get(address, 0)}"
+        for address in sorted(set(accounts) | set(balances))
+        if accounts.get(address, 0) != balances.get(address, 0)
+    ]
 
 
 def _block_order(problem: str) -> tuple[int, int]:

@@ -80,39 +80,53 @@ class StoreSource:
     def claim(self, free: dict[str, int]) -> list[HeldJob]:
         if self._queue_known_empty() or self._stop.is_set():
             return []
-        free = dict(free)
+        seen = self.signals.work_generation
         claimed: list[HeldJob] = []
-        while free:
-            seen = self.signals.work_generation
-            capabilities = json.dumps(sorted(free))
+        for model, slots in free.items():
+            capabilities = json.dumps([model])
             try:
-                row = self.jobs.claim_as(self.miner_id, capabilities, None)
+                # All the model's free sequences in one claim (one transaction).
+                rows = self.jobs.claim_many(self.miner_id, capabilities, slots)
             except StorageFull as e:
                 self._pause(e, "claiming a job")
-                break
+                return claimed
+            except Exception:
+                # Most likely a job that cannot be read back: claim one at a time, so the
+                # fault is counted against the job that breaks.
+                rows, broke = self._claim_one_by_one(capabilities, slots)
+            else:
+                broke = False
+            for row in rows:
+                try:
+                    claimed.append(self._held_job(row))
+                except Exception as e:
+                    # A row that claims but cannot be served (params that do not parse).
+                    self._record_fault(row["job_id"], e)
+                    self._pause(e, f"reading job {row['job_id']}")
+            if broke:
+                return claimed
+        if not claimed:
+            self._empty_generation, self._empty_since = seen, time.monotonic()
+            self.failures = 0  # the store answered: nothing to do, nothing wrong
+        return claimed
+
+    def _claim_one_by_one(self, capabilities: str, slots: int) -> tuple[list[Row], bool]:
+        """Claim up to `slots` jobs singly: the rows claimed, and whether a claim broke (its
+        fault is counted and the miner pauses)."""
+        rows: list[Row] = []
+        for _ in range(slots):
+            try:
+                rows.append(self.jobs.claim_as(self.miner_id, capabilities, None))
+            except StorageFull as e:
+                self._pause(e, "claiming a job")
+                return rows, True
             except ApiError:
-                self._empty_generation, self._empty_since = seen, time.monotonic()
-                if not claimed:
-                    self.failures = 0  # the store answered: nothing to do, nothing wrong
-                break
+                break  # nothing more pending
             except Exception as e:
-                # Most likely the job itself (a row that cannot be read back): count it
-                # against that job, so it cannot block the queue for good.
                 self._fault_claim(e, capabilities)
                 self._pause(e, "claiming a job")
-                break
-            try:
-                job = self._held_job(row)
-            except Exception as e:
-                # A row that claims but cannot be served (params that do not parse): its fault.
-                self._record_fault(row["job_id"], e)
-                self._pause(e, f"reading job {row['job_id']}")
-                break
-            free[job.model] -= 1
-            if not free[job.model]:
-                del free[job.model]
-            claimed.append(job)
-        return claimed
+                return rows, True
+        return rows, False
 
     def _held_job(self, row: Row) -> HeldJob:
         return HeldJob(

@@ -410,6 +410,23 @@ class CoordinatorClient:
     def claim_job(self, job_id: str, miner_id: str) -> dict[str, Any]:
         return self.request("POST", f"/v1/jobs/{job_id}/claim", json={"miner_id": miner_id})
 
+    def claim_next(self, miner_id: str, max_jobs: int = 1, wait: float = 0) -> dict[str, Any]:
+        """Up to `max_jobs` pending jobs handed to this miner alone (`{jobs, renewed,
+        lease_seconds}`), long-polling up to `wait` seconds for one."""
+        return self.request(
+            "POST",
+            "/v1/jobs/claim-next",
+            json={"miner_id": miner_id, "max_jobs": max_jobs, "wait": wait},
+            timeout=wait + self.client.timeout.read + 1,
+        )
+
+    def complete_jobs(self, miner_id: str, results: list[dict[str, Any]]) -> dict[str, Any]:
+        """Complete several claimed jobs at once; each result `{job_id, result, usage?,
+        model_sha256?, miner_signature?}` gets its own outcome."""
+        return self.request(
+            "POST", "/v1/jobs/complete", json={"miner_id": miner_id, "results": results}
+        )
+
     def release_job(self, job_id: str, miner_id: str) -> dict[str, Any]:
         """Hand a claimed job back to the queue, uncounted."""
         return self.request("POST", f"/v1/jobs/{job_id}/release", json={"miner_id": miner_id})
@@ -636,6 +653,23 @@ class AsyncCoordinatorClient:
 
     async def claim_job(self, job_id: str, miner_id: str) -> dict[str, Any]:
         return await self.request("POST", f"/v1/jobs/{job_id}/claim", json={"miner_id": miner_id})
+
+    async def claim_next(self, miner_id: str, max_jobs: int = 1, wait: float = 0) -> dict[str, Any]:
+        """Up to `max_jobs` pending jobs handed to this miner alone (`{jobs, renewed,
+        lease_seconds}`), long-polling up to `wait` seconds for one."""
+        return await self.request(
+            "POST",
+            "/v1/jobs/claim-next",
+            json={"miner_id": miner_id, "max_jobs": max_jobs, "wait": wait},
+            timeout=wait + self.client.timeout.read + 1,
+        )
+
+    async def complete_jobs(self, miner_id: str, results: list[dict[str, Any]]) -> dict[str, Any]:
+        """Complete several claimed jobs at once; each result `{job_id, result, usage?,
+        model_sha256?, miner_signature?}` gets its own outcome."""
+        return await self.request(
+            "POST", "/v1/jobs/complete", json={"miner_id": miner_id, "results": results}
+        )
 
     async def release_job(self, job_id: str, miner_id: str) -> dict[str, Any]:
         """Hand a claimed job back to the queue, uncounted."""

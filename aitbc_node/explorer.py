@@ -7,6 +7,7 @@ from typing import Any
 
 from aitbc_node.canonical import sha256_hex
 from aitbc_node.config import Limits
+from aitbc_node.counters import job_counts, ledger_totals, read_counters
 from aitbc_node.errors import BadRequest, Conflict, NotFound
 from aitbc_node.ledger import format_ait
 from aitbc_node.merkle import merkle_proof
@@ -169,28 +170,25 @@ class Explorer:
             "next_cursor": next_cursor,
         }
 
-    def stats(self, job_stats: dict[str, Any]) -> dict[str, Any]:
+    def stats(self, miners: list[dict[str, Any]]) -> dict[str, Any]:
+        """The chain's height and totals, the jobs by status and `miners` (as
+        `Miners.list` gives them) counted: one row of counters kept by triggers (`counters`)
+        and an index lookup, whatever the size of the history."""
         db = self.store.read()
         height = db.one("SELECT max(height) AS h FROM blocks")
-        counts = db.one(
-            "SELECT (SELECT count(*) FROM receipts) AS receipts,"
-            " (SELECT count(*) FROM receipts WHERE block_height IS NULL) AS unsealed_receipts,"
-            " (SELECT count(*) FROM transactions) AS transactions,"
-            " (SELECT coalesce(sum(amount), 0) FROM transactions WHERE kind = 'payment')"
-            " AS value_moved,"
-            " (SELECT count(*) FROM accounts) AS accounts"
-        )
-        assert height is not None and counts is not None
+        totals = read_counters(db)
+        ledger = ledger_totals(totals)
+        assert height is not None
         return {
             "height": height["h"],
-            "receipts": counts["receipts"],
-            "unsealed_receipts": counts["unsealed_receipts"],
-            "transactions": counts["transactions"],
-            "accounts": counts["accounts"],
-            "total_value_moved": counts["value_moved"],
-            "total_value_moved_ait": format_ait(counts["value_moved"]),
-            "jobs": job_stats["jobs"],
-            "miners_online": job_stats["miners_online"],
-            "miners_total": job_stats["miners_total"],
-            "tokens_generated": job_stats["tokens_generated"],
+            "receipts": ledger["receipts"],
+            "unsealed_receipts": ledger["unsealed_receipts"],
+            "transactions": ledger["transactions"],
+            "accounts": ledger["accounts"],
+            "total_value_moved": ledger["value_moved"],
+            "total_value_moved_ait": format_ait(ledger["value_moved"]),
+            "jobs": job_counts(totals),
+            "miners_online": sum(1 for m in miners if m["online"]),
+            "miners_total": len(miners),
+            "tokens_generated": totals["completion_tokens"],
         }

@@ -13,11 +13,15 @@ from __future__ import annotations
 import json
 import math
 import secrets
+import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from aitbc_node.clock import now_ms, rfc3339
 from aitbc_node.config import JobRules, Limits
+from aitbc_node.counters import average_latency_ms, job_counts, read_counters
 from aitbc_node.errors import (
+    ApiError,
     BadRequest,
     Conflict,
     Forbidden,
@@ -32,12 +36,15 @@ from aitbc_node.miners import Miners
 from aitbc_node.paging import decode_cursor, page
 from aitbc_node.receipts import hash_result
 from aitbc_node.schemas import (
+    ClaimNext,
     CompleteJob,
+    CompleteJobs,
     FailJob,
     JobParams,
     MinerRequest,
     MinerSignature,
     ProgressReport,
+    ReportedResult,
     SubmitJob,
     Usage,
     fingerprint,
@@ -57,6 +64,10 @@ IDEMPOTENCY_KEY_MS = 24 * 3600 * 1000
 # A job that breaks the built-in miner this many times (an unexpected error while serving or
 # recording it, or the process dying while it ran) is failed `POISON_JOB`, not claimed again.
 MAX_FAULTS = 2
+# The head of an `available` offer is held for its miner this long (other miners are offered
+# other jobs first), looking this many jobs past the limit for ones nobody holds.
+OFFER_HOLD_SECONDS = 2.0
+OFFER_LOOKAHEAD = 32
 
 
 # Pending jobs take turns by client, so one client cannot hold every slot while others wait:
@@ -178,6 +189,10 @@ class Jobs:
         self.rules = rules
         self.limits = limits
         self.metrics = metrics if metrics is not None else Metrics()
+        # Jobs lately offered to a miner by `available`: job id -> (miner id, held until).
+        self._offers: dict[str, tuple[str, float]] = {}
+        self._offers_lock = threading.Lock()
+        self._offers_pruned = 0.0
 
     # -- clients -------------------------------------------------------------------------
 
@@ -253,7 +268,7 @@ class Jobs:
                     "DELETE FROM idempotency_keys WHERE created_ms < ?",
                     (now - IDEMPOTENCY_KEY_MS,),
                 )
-        self.signals.work_available()
+        self.signals.work_available(served_model)
         return job_view(row), True
 
     def _prompt_of(self, request: SubmitJob) -> tuple[str, str | None]:
@@ -436,13 +451,32 @@ class Jobs:
 
     def available(self, principal: Principal, miner_id: str | None, limit: int = 10) -> dict:
         """Pending jobs for the models `miner_id` registered, in turn by client (see
-        `PENDING_IN_TURN`)."""
+        `PENDING_IN_TURN`); a job just offered first to another miner comes after the rest,
+        so miners polling together are not all sent after the same job."""
         miner = self.miners.require_registered(principal, miner_id)
+        assert miner_id is not None
         rows = self.store.read().execute(
             PENDING_IN_TURN,
-            {"caps": miner["capabilities"], "limit": limit},
+            {"caps": miner["capabilities"], "limit": limit + OFFER_LOOKAHEAD},
         )
-        return {"jobs": [job_view(r) for r in rows]}
+        return {"jobs": [job_view(r) for r in self._offer(miner_id, rows, limit)]}
+
+    def _offer(self, miner_id: str, rows: list[Row], limit: int) -> list[Row]:
+        """The first `limit` of `rows` for `miner_id`, those held for other miners last; the
+        first one offered is held for this miner for `OFFER_HOLD_SECONDS`."""
+        now = time.monotonic()
+        with self._offers_lock:
+            if now >= self._offers_pruned + OFFER_HOLD_SECONDS:
+                self._offers = {j: h for j, h in self._offers.items() if h[1] > now}
+                self._offers_pruned = now
+            free, held = [], []
+            for row in rows:
+                holder = self._offers.get(row["job_id"])
+                taken = holder is not None and holder[0] != miner_id and holder[1] > now
+                (held if taken else free).append(row)
+            if free:  # a miner of the tutorial's kind claims the first job it is offered
+                self._offers[free[0]["job_id"]] = (miner_id, now + OFFER_HOLD_SECONDS)
+        return (free + held)[:limit]
 
     def claim(self, principal: Principal, job_id: str, miner_id: str) -> dict[str, Any]:
         """Claim `job_id` for `miner_id`: exactly one of racing claims wins."""
@@ -453,34 +487,85 @@ class Jobs:
     def claim_as(self, miner_id: str, capabilities_json: str, job_id: str | None) -> Row:
         """Claim `job_id`, or with None the next job in turn for these models (NotFound if
         none)."""
-        now = now_ms()
-        target = (
-            "job_id = :job_id"
-            if job_id is not None
-            else f"seq = (SELECT seq FROM ({PENDING_IN_TURN}))"
-        )
         with self.store.write(durable=False) as db:
-            row = db.one(
-                "UPDATE jobs SET status = 'running', miner_id = :miner, attempts = attempts + 1,"
-                " started_ms = :now, lease_expires_ms = :lease"
-                f" WHERE {target} AND status = 'pending'"
-                " AND served_model IN (SELECT value FROM json_each(:caps)) RETURNING *",
-                {
-                    "job_id": job_id,
-                    "miner": miner_id,
-                    "now": now,
-                    "lease": now + self.rules.lease_ms,
-                    "caps": capabilities_json,
-                    "limit": 1,
-                },
-            )
-            if row is None:
+            rows = self._claim(db, miner_id, capabilities_json, job_id, 1)
+            if not rows:
                 if job_id is None:
                     raise NotFound("no pending job for these models", error_code="NO_JOB")
                 self._explain(db, job_id, miner_id, action="claim")
-        assert row is not None
-        self.signals.job_changed(row["job_id"])
-        return row
+        self.signals.job_changed(rows[0]["job_id"])
+        return rows[0]
+
+    def claim_many(self, miner_id: str, capabilities_json: str, limit: int) -> list[Row]:
+        """Claim up to `limit` jobs in turn for these models at once (none: an empty list)."""
+        with self.store.write(durable=False) as db:
+            rows = self._claim(db, miner_id, capabilities_json, None, limit)
+        for row in rows:
+            self.signals.job_changed(row["job_id"])
+        return rows
+
+    def claim_next(self, principal: Principal, request: ClaimNext) -> dict[str, Any]:
+        """Hand `miner_id` up to `max_jobs` pending jobs for its models, each to it alone (one
+        guarded statement in one transaction: racing miners get disjoint jobs, never a 409),
+        renew the leases of the jobs it already runs and mark it seen, in one write."""
+        miner_id = request.miner_id
+        self.miners.require_acting_as(principal, miner_id)
+        with self.store.write(durable=False) as db:
+            miner = self.miners.mark_seen(db, miner_id)
+            if miner is None:
+                raise self.miners.not_registered(miner_id)
+            renewed = self._renew(db, miner_id)
+            rows = self._claim(db, miner_id, miner["capabilities"], None, request.max_jobs)
+        for row in rows:
+            self.signals.job_changed(row["job_id"])
+        return {
+            "jobs": [job_view(r) for r in rows],
+            "renewed": renewed,
+            "lease_seconds": self.rules.lease_seconds,
+        }
+
+    def served_by(self, miner_id: str) -> list[str]:
+        """The models `miner_id` registered ([] when it is not registered)."""
+        miner = self.store.read().one(
+            "SELECT capabilities FROM miners WHERE miner_id = ?", (miner_id,)
+        )
+        return json.loads(miner["capabilities"]) if miner else []
+
+    def has_pending(self, models: list[str]) -> bool:
+        """Whether a job for one of `models` is pending (one indexed read: worth a claim)."""
+        row = self.store.read().one(
+            "SELECT 1 AS found FROM jobs WHERE status = 'pending'"
+            " AND served_model IN (SELECT value FROM json_each(?)) LIMIT 1",
+            (json.dumps(models),),
+        )
+        return row is not None
+
+    def _claim(
+        self, db: Connection, miner_id: str, capabilities_json: str, job_id: str | None, limit: int
+    ) -> list[Row]:
+        """Inside a write: move `job_id` (or the next `limit` jobs in turn) for these models
+        from pending to running for `miner_id`; the rows claimed, in turn order."""
+        now = now_ms()
+        if job_id is not None:
+            target = "job_id = :job_id"
+        else:
+            target = f"seq IN (SELECT seq FROM ({PENDING_IN_TURN}))"
+        rows = db.execute(
+            "UPDATE jobs SET status = 'running', miner_id = :miner, attempts = attempts + 1,"
+            " started_ms = :now, lease_expires_ms = :lease"
+            f" WHERE {target} AND status = 'pending'"
+            " AND served_model IN (SELECT value FROM json_each(:caps)) RETURNING *",
+            {
+                "job_id": job_id,
+                "miner": miner_id,
+                "now": now,
+                "lease": now + self.rules.lease_ms,
+                "caps": capabilities_json,
+                "limit": limit,
+            },
+        )
+        # RETURNING gives no order; keep the queue's (turn order is close to seq order).
+        return sorted(rows, key=lambda r: r["seq"])
 
     def progress(self, principal: Principal, job_id: str, report: ProgressReport) -> dict[str, Any]:
         """Text a remote miner has generated so far for a job it holds (for streams)."""
@@ -502,37 +587,99 @@ class Jobs:
     def renew_leases(self, miner_id: str) -> list[str]:
         """Push the lease of each running job of `miner_id` a full lease into the future."""
         with self.store.write(durable=False) as db:
-            rows = db.execute(
-                "UPDATE jobs SET lease_expires_ms = ? WHERE miner_id = ? AND status = 'running'"
-                " RETURNING job_id",
-                (now_ms() + self.rules.lease_ms, miner_id),
-            )
+            return self._renew(db, miner_id)
+
+    def _renew(self, db: Connection, miner_id: str) -> list[str]:
+        rows = db.execute(
+            "UPDATE jobs SET lease_expires_ms = ? WHERE miner_id = ? AND status = 'running'"
+            " RETURNING job_id",
+            (now_ms() + self.rules.lease_ms, miner_id),
+        )
         return [r["job_id"] for r in rows]
 
     def complete(self, principal: Principal, job_id: str, report: CompleteJob) -> dict[str, Any]:
         """Record a remote miner's result."""
-        miner_id, result = report.miner_id, report.result
-        usage = report.usage or Usage()
+        miner_id = report.miner_id
         # Check everything before the first write (the miner's last_seen), so a bad request
         # leaves the store exactly as it was.
+        self._check_signature(miner_id, report.miner_signature, report.result)
+        self.miners.require_registered(principal, miner_id)
+        row = self.finish(job_id, miner_id, **self._completion(report))
+        return job_view(row)
+
+    def complete_many(self, principal: Principal, request: CompleteJobs) -> dict[str, Any]:
+        """Record several results of one miner in one transaction (one fsync for all). Each
+        result stands or is refused on its own: a refused one (a bad signature, a job no
+        longer this miner's) comes back with its error and changes nothing."""
+        miner_id = request.miner_id
+        self.miners.require_acting_as(principal, miner_id)
+        registered = self.store.read().one(
+            "SELECT public_key FROM miners WHERE miner_id = ?", (miner_id,)
+        )
+        if registered is None:
+            raise self.miners.not_registered(miner_id)
+        outcomes: dict[int, dict[str, Any]] = {}
+
+        def refuse(index: int, job_id: str, error: ApiError) -> None:
+            outcomes[index] = {
+                "job_id": job_id,
+                "detail": error.detail,
+                "error_code": error.error_code,
+            }
+
+        # The co-signatures first, outside the write: checking them holds no one up.
+        signed = []
+        for index, item in enumerate(request.results):
+            try:
+                check_miner_signature(registered["public_key"], item.miner_signature, item.result)
+            except ApiError as e:
+                refuse(index, item.job_id, e)
+            else:
+                signed.append((index, item))
+        finished: list[tuple[int, Row]] = []
+        queued = 0
+        with self.store.write() as db:
+            self.miners.mark_seen(db, miner_id)
+            for index, item in signed:
+                db.execute("SAVEPOINT result")
+                try:
+                    row, events = self._finish_in(db, item.job_id, miner_id, self._completion(item))
+                except ApiError as e:
+                    db.execute("ROLLBACK TO result")
+                    refuse(index, item.job_id, e)
+                else:
+                    finished.append((index, row))
+                    queued += events
+                db.execute("RELEASE result")
+        for index, row in finished:
+            self._finished(row)
+            outcomes[index] = {"job_id": row["job_id"], "job": job_view(row)}
+        if queued:
+            self.webhooks.wake()
+        return {"results": [outcomes[i] for i in range(len(request.results))]}
+
+    def _check_signature(
+        self, miner_id: str, signature: MinerSignature | None, result: str
+    ) -> None:
         registered = self.store.read().one(
             "SELECT public_key FROM miners WHERE miner_id = ?", (miner_id,)
         )
         if registered is not None:
-            check_miner_signature(registered["public_key"], report.miner_signature, result)
-        self.miners.require_registered(principal, miner_id)
-        row = self.finish(
-            job_id,
-            miner_id,
-            result=result,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            model_sha256=report.model_sha256,
-            miner_signature=(
+            check_miner_signature(registered["public_key"], signature, result)
+
+    @staticmethod
+    def _completion(report: ReportedResult) -> dict[str, Any]:
+        """`finish`'s arguments for a miner's reported result."""
+        usage = report.usage or Usage()
+        return {
+            "result": report.result,
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "model_sha256": report.model_sha256,
+            "miner_signature": (
                 to_builtins(report.miner_signature) if report.miner_signature else None
             ),
-        )
-        return job_view(row)
+        }
 
     def fail(self, principal: Principal, job_id: str, report: FailJob) -> dict[str, Any]:
         """Record that a remote miner could not run the job."""
@@ -567,41 +714,64 @@ class Jobs:
 
         A completion writes the job, its signed receipt and its payment in one transaction.
         """
-        status = "failed" if error is not None else "completed"
+        outcome = {
+            "result": result,
+            "error": error,
+            "error_code": error_code,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "model_sha256": model_sha256,
+            "miner_signature": miner_signature,
+        }
         with self.store.write() as db:
-            row = db.one(
-                "UPDATE jobs SET status = ?, result = ?, error = ?, error_code = ?,"
-                " prompt_tokens = ?, completion_tokens = ?, completed_ms = ?,"
-                " lease_expires_ms = NULL"
-                " WHERE job_id = ? AND status = 'running' AND miner_id = ? RETURNING *",
-                (
-                    status,
-                    result,
-                    error,
-                    error_code,
-                    prompt_tokens,
-                    completion_tokens,
-                    now_ms(),
-                    job_id,
-                    miner_id,
-                ),
-            )
-            if row is None:
-                action = "complete" if status == "completed" else "fail"
-                self._explain(db, job_id, miner_id, action=action)
-            assert row is not None
-            if status == "completed":
-                receipt = self.ledger.issue_receipt(
-                    db, row, model_sha256=model_sha256, miner_signature=miner_signature
-                )
-                row["receipt_id"] = receipt["receipt_id"]
-            queued = self.webhooks.enqueue(db, row)
-        if status == "completed":
-            self._count_completion(row)  # before job_changed lets its first-text time go
-        self.signals.job_changed(job_id, finished=True)
+            row, queued = self._finish_in(db, job_id, miner_id, outcome)
+        self._finished(row)
         if queued:
             self.webhooks.wake()
         return row
+
+    def _finish_in(
+        self, db: Connection, job_id: str, miner_id: str, outcome: dict[str, Any]
+    ) -> tuple[Row, int]:
+        """Inside a write: `finish`'s changes (`outcome` holds its keyword arguments); the
+        job's row and how many webhook events it queued."""
+        status = "failed" if outcome.get("error") is not None else "completed"
+        row = db.one(
+            "UPDATE jobs SET status = ?, result = ?, error = ?, error_code = ?,"
+            " prompt_tokens = ?, completion_tokens = ?, completed_ms = ?,"
+            " lease_expires_ms = NULL"
+            " WHERE job_id = ? AND status = 'running' AND miner_id = ? RETURNING *",
+            (
+                status,
+                outcome.get("result"),
+                outcome.get("error"),
+                outcome.get("error_code"),
+                outcome.get("prompt_tokens"),
+                outcome.get("completion_tokens"),
+                now_ms(),
+                job_id,
+                miner_id,
+            ),
+        )
+        if row is None:
+            action = "complete" if status == "completed" else "fail"
+            self._explain(db, job_id, miner_id, action=action)
+        assert row is not None
+        if status == "completed":
+            receipt = self.ledger.issue_receipt(
+                db,
+                row,
+                model_sha256=outcome.get("model_sha256", "unreported"),
+                miner_signature=outcome.get("miner_signature"),
+            )
+            row["receipt_id"] = receipt["receipt_id"]
+        return row, self.webhooks.enqueue(db, row)
+
+    def _finished(self, row: Row) -> None:
+        """After the commit of a finish: count it and wake what waits on the job."""
+        if row["status"] == "completed":
+            self._count_completion(row)  # before job_changed lets its first-text time go
+        self.signals.job_changed(row["job_id"], finished=True)
 
     def _count_completion(self, row: Row) -> None:
         """Add a completed job's tokens and timings to the metrics. Time to first token is
@@ -807,29 +977,17 @@ class Jobs:
 
     def stats(self) -> dict[str, Any]:
         """Public numbers: jobs by status, queue depth, tokens generated, latency."""
-        db = self.store.read()
-        by_status = {s: 0 for s in STATUSES}
-        for r in db.execute("SELECT status, count(*) AS n FROM jobs GROUP BY status"):
-            by_status[r["status"]] = r["n"]
-        totals = (
-            db.one(
-                "SELECT coalesce(sum(completion_tokens), 0) AS completion,"
-                " coalesce(sum(prompt_tokens), 0) AS prompt,"
-                " avg(completed_ms - created_ms) AS latency_ms"
-                " FROM jobs WHERE status = 'completed'"
-            )
-            or {}
-        )
+        # One row of totals kept by triggers (`counters`): flat in the size of the history.
+        totals = read_counters(self.store.read())
         miners = self.miners.list()
-        latency = totals.get("latency_ms")
         return {
-            "jobs": {"total": sum(by_status.values()), **by_status},
-            "queue_depth": by_status["pending"],
+            "jobs": job_counts(totals),
+            "queue_depth": totals["jobs_pending"],
             "miners_online": sum(1 for m in miners if m["online"]),
             "miners_total": len(miners),
-            "tokens_generated": totals.get("completion", 0),
-            "prompt_tokens": totals.get("prompt", 0),
-            "average_job_latency_ms": round(latency, 1) if latency is not None else None,
+            "tokens_generated": totals["completion_tokens"],
+            "prompt_tokens": totals["prompt_tokens"],
+            "average_job_latency_ms": average_latency_ms(totals),
             "served_models": self.miners.served_models(),
         }
 

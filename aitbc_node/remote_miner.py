@@ -1,11 +1,12 @@
 """A miner on another box: the miner loop (`miner.MinerLoop`) fed over the node's HTTP API.
 
 `aitbc-node miner --coordinator URL --api-key KEY` registers (its models, its device and its own
-Ed25519 public key), waits for work by long-polling `GET /v1/jobs/available?wait=`, claims up to
-as many jobs as its batch has free sequences, generates them together while the loop's
-heartbeat renews their leases and their text is sent as progress (for streams), then completes
-each job with the result, the token counts, the model file's SHA-256 and its co-signature over
-the result's hash.
+Ed25519 public key), takes up to as many jobs as its batch has free sequences with `POST
+/v1/jobs/claim-next` (long-polled while idle; the jobs are handed to it alone, so miners never
+race for one; a coordinator without it is served through `available` and `claim`), generates
+them together while the loop's heartbeat renews their leases and their text is sent as
+progress (for streams), then completes each job with the result, the token counts, the model
+file's SHA-256 and its co-signature over the result's hash.
 
 It rides out a coordinator restart or a dropped connection: it reconnects with capped backoff,
 and re-sends a completion until the node has it (a second completion is refused with 409, so a
@@ -62,6 +63,10 @@ class CoordinatorSource:
         self._failures = 0
         self._offered: list[dict[str, Any]] = []
         self._last_poll = 0.0
+        self._claim_next = True  # until a coordinator without `claim-next` says otherwise
+        self._taken: list[HeldJob] = []  # handed out by an idle wait, for the next `claim`
+        # How many jobs an idle miner takes at once: what its engines hold (set by the miner).
+        self.idle_slots = 1
         # Text held back per job until its next report (HeldJob hashes by identity).
         self._pending_text: dict[HeldJob, list[str]] = {}
         self._last_flush: dict[HeldJob, float] = {}
@@ -92,18 +97,59 @@ class CoordinatorSource:
         try:
             offered = self.client.available_jobs(self.miner_id, wait=wait, limit=limit)
         except CoordinatorError as e:
-            if wait:  # idle: back off; busy: the batch goes on, ask again later
-                self._back_off(e)
-            if e.error_code == "MINER_NOT_REGISTERED":
-                self.register(self._models)
+            self._asking_failed(e, wait)
             return []
         self._failures = 0
         return offered
 
+    def _asking_failed(self, error: CoordinatorError, wait: float) -> None:
+        """After a request for work failed: back off when idle (busy: the batch goes on and
+        asks again later), and register again if the node forgot this miner."""
+        if wait:
+            self._back_off(error)
+        if error.error_code == "MINER_NOT_REGISTERED":
+            self.register(self._models)
+
     def wait_for_work(self, timeout: float) -> None:
-        self._offered = self._offer(min(timeout, self.wait_seconds), 10)
+        wait = min(timeout, self.wait_seconds)
+        if self._claim_next and self.idle_slots:
+            # Idle: long-poll claim-next itself, so the jobs come with the wake-up (a stop
+            # may cut this wait short: jobs handed out in that instant go back to the queue
+            # when their lease runs out).
+            self._taken = self._take_next(self.idle_slots, wait)
+            return
+        self._offered = self._offer(wait, 10)
 
     def claim(self, free: dict[str, int]) -> list[HeldJob]:
+        taken, self._taken = self._taken, []
+        if taken:
+            return taken
+        # claim-next hands out jobs for any of the registered models: ask for no more than
+        # the model with the fewest free sequences can take.
+        most = min((free.get(model, 0) for model in self._models), default=0)
+        if self._claim_next and most:
+            if time.monotonic() - self._last_poll < BUSY_POLL_SECONDS:
+                return []
+            return self._take_next(most, 0)
+        return self._claim_offered(free)
+
+    def _take_next(self, max_jobs: int, wait: float) -> list[HeldJob]:
+        """Jobs handed to this miner by `POST /v1/jobs/claim-next` (long-polled when idle)."""
+        self._last_poll = time.monotonic()
+        try:
+            answer = self.client.claim_next(self.miner_id, max_jobs=max_jobs, wait=wait)
+        except CoordinatorError as e:
+            if e.status in (404, 405) and e.error_code in ("NOT_FOUND", "METHOD_NOT_ALLOWED"):
+                log.warning("this coordinator has no claim-next; using available and claim")
+                self._claim_next = False
+                return []
+            self._asking_failed(e, wait)
+            return []
+        self._failures = 0
+        return [self._held(row) for row in answer["jobs"]]
+
+    def _claim_offered(self, free: dict[str, int]) -> list[HeldJob]:
+        """The tutorial's way: claim jobs of an `available` offer one by one."""
         offered, self._offered = self._offered, []
         if not offered and time.monotonic() - self._last_poll >= BUSY_POLL_SECONDS:
             offered = self._offer(0, max(sum(free.values()), 1))
@@ -123,17 +169,19 @@ class CoordinatorSource:
                 log.warning("claiming job %s: %s", job["job_id"], e.detail)
                 break
             free[model] -= 1
-            claimed.append(
-                HeldJob(
-                    job_id=row["job_id"],
-                    model=model,
-                    prompt=row["prompt"],
-                    params=row["params"],
-                    messages=row.get("messages"),
-                    lease_seconds=max(_seconds_until(row["lease_expires_at"]), 0.15),
-                )
-            )
+            claimed.append(self._held(row))
         return claimed
+
+    @staticmethod
+    def _held(row: dict[str, Any]) -> HeldJob:
+        return HeldJob(
+            job_id=row["job_id"],
+            model=row["served_model"],
+            prompt=row["prompt"],
+            params=row["params"],
+            messages=row.get("messages"),
+            lease_seconds=max(_seconds_until(row["lease_expires_at"]), 0.15),
+        )
 
     def progress(self, job: HeldJob, text: str) -> None:
         self._pending_text.setdefault(job, []).append(text)
@@ -238,6 +286,7 @@ class RemoteMiner:
         self.source = CoordinatorSource(
             client, miner_id, key, gpu_info, self._stopping, wait_seconds=wait_seconds
         )
+        self.source.idle_slots = min((e.free_slots for e in engines.values()), default=1)
         self.loop = MinerLoop(self.source, engines)
 
     @property

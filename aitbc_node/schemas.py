@@ -53,6 +53,8 @@ DEFAULT_LIST_LIMIT = _LIMITS.default_list_limit
 MAX_LIST_LIMIT = _LIMITS.max_list_limit
 MAX_WAIT_SECONDS = _LIMITS.max_wait_seconds
 MAX_HEIGHT = 2**63 - 1  # SQLite's largest integer
+# The most jobs one claim-next hands out, or one batch completion carries.
+MAX_BATCH = 64
 
 Text = Annotated[str, Meta(pattern=TEXT_PATTERN)]
 Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME_CHARS, pattern=NAME_PATTERN)]
@@ -190,10 +192,10 @@ class MinerSignature(Struct, forbid_unknown_fields=True, kw_only=True):
     value: Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{128}$")]
 
 
-class CompleteJob(Struct, forbid_unknown_fields=True, kw_only=True):
-    """`POST /v1/jobs/{job_id}/complete`."""
+class ReportedResult(Struct, forbid_unknown_fields=True, kw_only=True):
+    """What a miner reports of a job it ran: the result, its token counts, the model file's
+    SHA-256 and the miner's co-signature."""
 
-    miner_id: Name
     result: Annotated[str, Meta(max_length=_LIMITS.max_result_chars, pattern=TEXT_PATTERN)]
     completed_at: Timestamp | None = None
     usage: Usage | None = None
@@ -201,6 +203,35 @@ class CompleteJob(Struct, forbid_unknown_fields=True, kw_only=True):
         "unreported"
     )
     miner_signature: MinerSignature | None = None
+
+
+class CompleteJob(ReportedResult, forbid_unknown_fields=True, kw_only=True):
+    """`POST /v1/jobs/{job_id}/complete`."""
+
+    miner_id: Name
+
+
+class ClaimNext(Struct, forbid_unknown_fields=True, kw_only=True):
+    """`POST /v1/jobs/claim-next`: up to `max_jobs` pending jobs for this miner's models, each
+    handed to this miner alone; with `wait`, the answer comes as soon as one is submitted.
+    Also renews the leases of the jobs this miner runs (as a heartbeat does)."""
+
+    miner_id: Name
+    max_jobs: Annotated[int, Meta(ge=1, le=MAX_BATCH)] = 1
+    wait: Annotated[float, Meta(ge=0, le=MAX_WAIT_SECONDS)] = 0
+
+
+class JobResult(ReportedResult, forbid_unknown_fields=True, kw_only=True):
+    """One result in a batch completion: a `CompleteJob` body with the job's id."""
+
+    job_id: Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)]
+
+
+class CompleteJobs(Struct, forbid_unknown_fields=True, kw_only=True):
+    """`POST /v1/jobs/complete`: several results of one miner in one request."""
+
+    miner_id: Name
+    results: Annotated[list[JobResult], Meta(min_length=1, max_length=MAX_BATCH)]
 
 
 class FailJob(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -273,6 +304,9 @@ REQUEST_TYPES: tuple[type[Struct], ...] = (
     Usage,
     MinerSignature,
     CompleteJob,
+    ClaimNext,
+    JobResult,
+    CompleteJobs,
     FailJob,
     RegisterMiner,
     CreateWebhook,
@@ -351,6 +385,29 @@ class Heartbeat(Struct):
     miner_id: str
     renewed: list[str]
     lease_seconds: float
+
+
+class ClaimedJobs(Struct):
+    """The jobs a claim-next handed this miner (none when the wait ran out), and the jobs it
+    already ran whose leases were renewed."""
+
+    jobs: list[Job]
+    renewed: list[str]
+    lease_seconds: float
+
+
+class ResultOutcome(Struct, omit_defaults=True):
+    """One result of a batch completion: the job as it now stands, or why it was refused
+    (the error shape's `detail` and `error_code`); the other results stand either way."""
+
+    job_id: str
+    job: Job | None = None
+    detail: str | None = None
+    error_code: str | None = None
+
+
+class CompletedJobs(Struct):
+    results: list[ResultOutcome]
 
 
 class Miner(Struct):

@@ -4,7 +4,8 @@
 - A running generation watches an event that a cancel sets.
 - Long-polling requests and event streams (asyncio tasks) wait on futures that any thread can
   resolve by key: `job:<id>` when a job changes state, `progress:<id>` when it has new text,
-  `work` when a job becomes pending.
+  `work` when a job becomes pending (every `available` poll wakes), `work:<model>` when a job
+  for that model does (one claim-next waiter wakes per job).
 - The text a job has generated so far is kept here, in memory, while the job runs, so a
   stream that joins late first gets everything produced before it came; so is when its
   first text came (for the time-to-first-token metric).
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -35,9 +37,19 @@ def progress_key(job_id: str) -> str:
     return f"progress:{job_id}"
 
 
+def model_work_key(model: str) -> str:
+    """The key a miner handed work by claim-next waits on: a job for `model` is pending."""
+    return f"work:{model}"
+
+
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def _resolve_all(futures: list[asyncio.Future[None]]) -> None:
+    for future in futures:
+        _resolve(future)
 
 
 class Waiters:
@@ -66,8 +78,7 @@ class Waiters:
             self.closed = True
             futures = {f for waiting in self._waiting.values() for f in waiting}
             self._waiting.clear()
-        for future in futures:
-            future.get_loop().call_soon_threadsafe(_resolve, future)
+        self._wake(list(futures))
 
     def unregister(self, future: asyncio.Future[None], *keys: str) -> None:
         with self._lock:
@@ -78,12 +89,40 @@ class Waiters:
                     if not waiting:
                         del self._waiting[key]
 
-    def notify(self, key: str) -> None:
-        """Wake everything waiting on `key` (from any thread)."""
+    def notify(self, key: str, count: int | None = None) -> None:
+        """Wake what waits on `key` (from any thread): everything, or at most `count`."""
         with self._lock:
-            futures = self._waiting.pop(key, ())
+            if count is None:
+                futures = list(self._waiting.pop(key, ()))
+            else:
+                # Only waiters not yet woken (by another of their keys) count.
+                waiting = self._waiting.get(key, set())
+                futures = []
+                while waiting and len(futures) < count:
+                    future = waiting.pop()
+                    if not future.done():
+                        futures.append(future)
+                if not waiting:
+                    self._waiting.pop(key, None)
+        self._wake(futures)
+
+    def notify_prefix(self, prefix: str) -> None:
+        """Wake everything waiting on any key that starts with `prefix`."""
+        with self._lock:
+            keys = [key for key in self._waiting if key.startswith(prefix)]
+            futures = [f for key in keys for f in self._waiting.pop(key)]
+        self._wake(futures)
+
+    @staticmethod
+    def _wake(futures: list[asyncio.Future[None]]) -> None:
+        """Resolve `futures` in their event loop: one call per loop, not one per future
+        (each call from another thread costs the loop a wake-up)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         for future in futures:
-            future.get_loop().call_soon_threadsafe(_resolve, future)
+            by_loop.setdefault(future.get_loop(), []).append(future)
+        for loop, batch in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a loop already closed: nobody waits
+                loop.call_soon_threadsafe(_resolve_all, batch)
 
     async def until(
         self,
@@ -131,12 +170,19 @@ class Signals:
         """A counter that moves on whenever work may have appeared."""
         return self._work_generation
 
-    def work_available(self) -> None:
-        """Say that a job became pending (submitted or requeued)."""
+    def work_available(self, model: str | None = None) -> None:
+        """Say that a job became pending (submitted or requeued): wake the built-in miner and
+        every `available` long poll, and one claim-next waiting for `model` (one can take a
+        new job; waking them all would have all but one look for nothing). Without a model
+        (requeued jobs, maybe several) every claim-next wakes."""
         with self._work:
             self._work_generation += 1
             self._work.notify_all()
         self.waiters.notify(WORK)
+        if model is None:
+            self.waiters.notify_prefix(model_work_key(""))
+        else:
+            self.waiters.notify(model_work_key(model), count=1)
 
     def wait_for_work(self, seen_generation: int, timeout: float) -> bool:
         """Wait until work appears after `seen_generation`; False when `timeout` passes first."""

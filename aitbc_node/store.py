@@ -1,13 +1,20 @@
 """The job store: one SQLite file in WAL mode, reached through apsw.
 
-There is one writer connection, guarded by a lock, and every write runs inside an explicit
-`BEGIN IMMEDIATE` transaction on it, so writers never deadlock on lock upgrades and a claim or
-a state change is atomic. Reads use one connection per thread, which WAL lets run beside the
-writer without blocking. Rows come back as dicts.
+There is one writer connection, and every write runs on it inside an explicit `BEGIN
+IMMEDIATE` transaction, so writers never deadlock on lock upgrades and a claim or a state change
+is atomic. Reads use one connection per thread, which WAL lets run beside the writer without
+blocking. Rows come back as dicts.
+
+Group commit: writes that queue for the writer while another is in progress share its
+transaction, each inside its own savepoint, and one COMMIT (one fsync) ends them all. A write
+returns only after the commit of its group, so what a caller acknowledges is on disk; a write
+that raises rolls back to its savepoint and leaves the others of its group intact; a commit the
+disk refuses fails every write of the group with `StorageFull`, nothing written. The first write
+of a group leads it: once no other writer is waiting (or the group is full) it commits.
 
 Callers (the API worker threads, the miner thread, the lease reaper) call these from ordinary
-threads, never from the event loop, so a wait for the write lock or an fsync stalls no request
-but the one that writes.
+threads, never from the event loop, so a wait for the writer or an fsync stalls no request
+but the ones that write.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from aitbc_node.errors import StorageFull
 log = logging.getLogger("aitbc_node.store")
 
 BUSY_TIMEOUT_MS = 10_000
+# The most writes one commit holds (a bound on how long the first of them waits).
+MAX_GROUP = 128
 Row = dict[str, Any]
 # What a write gets from a full (or failing) disk: SQLITE_FULL, and SQLITE_IOERR, which is
 # what SQLite reports when growing the WAL or its index fails for want of space.
@@ -67,6 +76,17 @@ class Connection:
         return self._conn.changes()
 
 
+class _Group:
+    """The writes sharing one open transaction, and how its commit went."""
+
+    def __init__(self, *, light: bool) -> None:
+        self.members = 0  # writes whose changes are in the transaction
+        self.light = light  # committed without an fsync: it holds only writes that allow it
+        self.leader_chosen = False
+        self.committed = threading.Event()
+        self.error: BaseException | None = None
+
+
 class Store:
     """The node's SQLite file: migrations at open, one locked writer, per-thread readers."""
 
@@ -80,7 +100,13 @@ class Store:
                 raise storage_full(e) from e
             raise
         self._synchronous = synchronous
-        self._write_lock = threading.Lock()
+        # Who holds the writer connection (`_busy`), who waits for it, and the open group.
+        self._writer_lock = threading.Lock()
+        self._writer_free = threading.Condition(self._writer_lock)  # writers wait here
+        self._writer_moved = threading.Condition(self._writer_lock)  # leaders wait here
+        self._busy = False
+        self._waiting = 0
+        self._group: _Group | None = None
         self._writer = self._open()
         self._make_private()
         self._local = threading.local()
@@ -107,38 +133,146 @@ class Store:
 
     @contextmanager
     def write(self, *, durable: bool = True) -> Iterator[Connection]:
-        """A write transaction (`BEGIN IMMEDIATE`), committed on success, rolled back on error.
+        """A write, committed on success (with the writes queued beside it: see the module's
+        docstring), rolled back on error; it returns once its commit is on disk.
 
         `durable=False` is for writes whose loss in a power cut costs nothing (a claim or a
-        lease renewal: the job just goes back to pending): they skip the fsync even when
-        the store syncs every commit. A later durable commit syncs them too.
+        lease renewal: the job just goes back to pending): a group of only such writes is
+        committed without an fsync even when the store syncs every commit.
 
         A write the disk refuses (full, or failing) raises `StorageFull` with nothing
         written, and leaves the writer ready for the next write once space is back.
         """
-        light = not durable and self._synchronous == "FULL"
-        with self._write_lock:
+        self._take_writer()
+        try:
+            group = self._join_group(durable)
             try:
+                yield Connection(self._writer)
+            except BaseException as e:
+                self._undo(group, e)
+                if isinstance(e, STORAGE_ERRORS):
+                    raise storage_full(e) from e
+                raise
+            try:
+                self._writer.execute("RELEASE write")
+            except STORAGE_ERRORS as e:
+                self._undo(group, e)
+                raise storage_full(e) from e
+            group.members += 1
+            leads = not group.leader_chosen
+            group.leader_chosen = True
+        finally:
+            self._give_writer()
+        if leads:
+            self._lead(group)
+        group.committed.wait()
+        if isinstance(group.error, STORAGE_ERRORS):
+            raise storage_full(group.error) from group.error
+        if group.error is not None:
+            raise RuntimeError(f"this write was lost with its group: {group.error}")
+
+    def _take_writer(self) -> None:
+        with self._writer_free:
+            self._waiting += 1
+            while self._busy:
+                self._writer_free.wait()
+            self._waiting -= 1
+            self._busy = True
+
+    def _give_writer(self) -> None:
+        with self._writer_free:
+            self._busy = False
+            self._writer_free.notify()  # the next writer in line
+            self._writer_moved.notify_all()  # a leader waiting for the line to empty
+
+    def _join_group(self, durable: bool) -> _Group:
+        """With the writer held: the open group (beginning one if none is open), and a
+        savepoint for this write. A durable write does not join a light group: that one is
+        committed first (SQLite fixes a transaction's sync level before it begins)."""
+        try:
+            if self._group is not None and self._group.light and durable:
+                self._commit(self._group)
+            if self._group is None:
+                light = not durable and self._synchronous == "FULL"
                 if light:
                     self._writer.execute("PRAGMA synchronous=NORMAL")
                 try:
                     self._writer.execute("BEGIN IMMEDIATE")
-                    try:
-                        yield Connection(self._writer)
-                    except BaseException:
-                        self._rollback()
-                        raise
-                    try:
-                        self._writer.execute("COMMIT")
-                    except BaseException:
-                        self._rollback()
-                        raise
-                finally:
-                    if light:
-                        self._writer.execute(f"PRAGMA synchronous={self._synchronous}")
-            except STORAGE_ERRORS as e:
-                self._recover_writer()
-                raise storage_full(e) from e
+                except BaseException:
+                    self._restore_sync(light)
+                    raise
+                self._group = _Group(light=light)
+            self._writer.execute("SAVEPOINT write")
+        except STORAGE_ERRORS as e:
+            if self._group is not None:
+                self._end_group(self._group, e)
+            raise storage_full(e) from e
+        return self._group
+
+    def _undo(self, group: _Group, error: BaseException) -> None:
+        """With the writer held, after a write raised: take back its changes alone, or, when
+        SQLite ended the whole transaction (it may after SQLITE_FULL), fail the group."""
+        if self._writer.get_autocommit():
+            self._end_group(group, error)
+            return
+        try:
+            self._writer.execute("ROLLBACK TO write")
+            self._writer.execute("RELEASE write")
+        except apsw.Error as e:
+            log.warning("rolling back a failed write failed", exc_info=True)
+            self._end_group(group, e)
+            return
+        if group.members == 0:
+            # Nobody else's work is in it: end it now rather than hold the database's write
+            # lock open until some later write commits it.
+            self._end_group(group, None)
+
+    def _end_group(self, group: _Group, error: BaseException | None) -> None:
+        """With the writer held: roll the group's transaction back; its writes fail with
+        `error` (when any had joined)."""
+        self._rollback()
+        if error is not None and isinstance(error, STORAGE_ERRORS):
+            self._recover_writer()
+        self._restore_sync(group.light)
+        group.error = error if group.members else None
+        self._group = None
+        group.committed.set()
+
+    def _lead(self, group: _Group) -> None:
+        """Commit `group` once the writers waiting now have added their work (or it is
+        full); then wake its writes."""
+        try:
+            with self._writer_moved:
+                while self._group is group and group.members < MAX_GROUP and (
+                    self._busy or self._waiting
+                ):
+                    self._writer_moved.wait()
+            self._take_writer()
+            try:
+                if self._group is group:
+                    self._commit(group)
+            finally:
+                self._give_writer()
+        finally:
+            group.committed.set()
+
+    def _commit(self, group: _Group) -> None:
+        """With the writer held: commit the open group; on failure roll it back and record
+        the error for its writes."""
+        try:
+            self._writer.execute("COMMIT")
+        except BaseException as e:  # each write of the group raises it (see `write`)
+            self._end_group(group, e)
+            return
+        self._restore_sync(group.light)
+        self._group = None
+        group.committed.set()
+
+    def _restore_sync(self, light: bool) -> None:
+        """After a light transaction: the store's own sync level again."""
+        if light:
+            with suppress(apsw.Error):
+                self._writer.execute(f"PRAGMA synchronous={self._synchronous}")
 
     def _rollback(self) -> None:
         """End the open transaction, if SQLite has not already ended it: after SQLITE_FULL
@@ -182,12 +316,24 @@ class Store:
 
     def checkpoint(self) -> None:
         """Fold the WAL back into the main file (a PASSIVE checkpoint, never blocking readers)."""
-        with self._write_lock:
+        self._take_writer()
+        try:
+            self._commit_open_group()
             self._writer.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+        finally:
+            self._give_writer()
+
+    def _commit_open_group(self) -> None:
+        """With the writer held: commit the open group now, if there is one (its leader may
+        still be waiting for more writes)."""
+        if self._group is not None:
+            self._commit(self._group)
 
     def close(self) -> None:
         """Checkpoint and close every connection this store opened."""
-        with self._write_lock:
+        self._take_writer()
+        try:
+            self._commit_open_group()
             # On a full disk the checkpoint may not fit; the WAL keeps the data all the same.
             with suppress(apsw.BusyError, *STORAGE_ERRORS):
                 self._writer.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
@@ -196,3 +342,5 @@ class Store:
                     conn.close()
                 self._readers.clear()
             self._writer.close()
+        finally:
+            self._give_writer()

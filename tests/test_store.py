@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -49,15 +51,15 @@ def test_a_failed_write_rolls_back(tmp_path: Path) -> None:
         store.close()
 
 
-def test_light_writes_skip_the_sync_and_restore_it(tmp_path: Path) -> None:
+def test_light_writes_leave_the_sync_setting_as_it_was(tmp_path: Path) -> None:
     store = Store(tmp_path / "node.db")
     try:
         with store.write(durable=False) as db:
-            assert db.one("PRAGMA synchronous")["synchronous"] == 1  # NORMAL, for this one
-        assert synchronous(store) == 2
+            db.execute("CREATE TABLE light (n INTEGER)")
+        assert synchronous(store) == 2  # FULL for the writes that follow
         with pytest.raises(RuntimeError), store.write(durable=False):
             raise RuntimeError("boom")
-        assert synchronous(store) == 2  # restored after a rollback too
+        assert synchronous(store) == 2  # after a rollback too
     finally:
         store.close()
     normal = Store(tmp_path / "other.db", synchronous="NORMAL")
@@ -65,3 +67,85 @@ def test_light_writes_skip_the_sync_and_restore_it(tmp_path: Path) -> None:
         assert synchronous(normal) == 1
     finally:
         normal.close()
+
+
+def count_commits(store: Store) -> list[int]:
+    """A list that grows by one at every commit of the store's writer."""
+    commits: list[int] = []
+
+    def hook() -> bool:
+        commits.append(1)
+        return False  # go on with the commit
+
+    store._writer.set_commit_hook(hook)
+    return commits
+
+
+def test_concurrent_writes_share_commits_and_each_returns_committed(tmp_path: Path) -> None:
+    """Group commit: writes from many threads at once take fewer commits than writes, and
+    each write returns only once its row is committed (another connection sees it)."""
+    store = Store(tmp_path / "node.db")
+    with store.write() as db:
+        db.execute("CREATE TABLE items (n INTEGER PRIMARY KEY, thread TEXT)")
+    commits = count_commits(store)
+    seen_after_return: list[bool] = []
+    lock = threading.Lock()
+
+    def writer(t: int) -> None:
+        outside = sqlite3.connect(tmp_path / "node.db")
+        for i in range(50):
+            n = t * 1000 + i
+            with store.write() as db:
+                db.execute("INSERT INTO items VALUES (?, ?)", (n, str(t)))
+                time.sleep(0.0005)  # a write that takes a moment, as a receipt's signing does
+            found = outside.execute("SELECT count(*) FROM items WHERE n = ?", (n,)).fetchone()
+            with lock:
+                seen_after_return.append(found[0] == 1)
+        outside.close()
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(seen_after_return) and len(seen_after_return) == 400
+        assert store.read().one("SELECT count(*) AS n FROM items")["n"] == 400
+        assert len(commits) < 400, "some writes shared a commit"
+    finally:
+        store.close()
+
+
+def test_a_failed_write_in_a_group_takes_back_only_its_own_changes(tmp_path: Path) -> None:
+    store = Store(tmp_path / "node.db")
+    with store.write() as db:
+        db.execute("CREATE TABLE items (n INTEGER PRIMARY KEY)")
+    failures = 0
+
+    def writer(t: int) -> None:
+        nonlocal failures
+        for i in range(40):
+            try:
+                with store.write() as db:
+                    db.execute("INSERT INTO items VALUES (?)", (t * 1000 + i,))
+                    if i % 2:
+                        raise ValueError("this write fails")
+            except ValueError:
+                failures += 1
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(6)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rows = [r["n"] for r in store.read().execute("SELECT n FROM items ORDER BY n")]
+        assert failures == 120
+        assert rows == sorted(t * 1000 + i for t in range(6) for i in range(0, 40, 2))
+        # and no transaction was left open: another connection can write at once
+        other = sqlite3.connect(tmp_path / "node.db", timeout=0)
+        other.execute("INSERT INTO items VALUES (-1)")
+        other.commit()
+        other.close()
+    finally:
+        store.close()

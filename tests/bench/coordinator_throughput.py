@@ -1,10 +1,12 @@
 """Benchmark: the coordinator at wire speed, against a bare Litestar POST handler.
 
     .venv/bin/python tests/bench/coordinator_throughput.py [--runs 3] [--miners 1,4,16]
-        [--clients 32] [--seconds 10] [--warmup 2] [--slots 4] [--pick oldest|random]
+        [--clients 32] [--seconds 10] [--warmup 2] [--slots 4] [--protocol next|tutorial]
+        [--pick oldest|random] [--baseline-http httptools|h11]
         [--node-arg=--durability=normal ...] [--out results.json]
     .venv/bin/python tests/bench/coordinator_throughput.py --growth 1000,10000,100000
-        [--growth-miners 1] [--reads 100] [--out growth.json]
+        [--growth-fill api|direct] [--growth-verify] [--growth-miners 1] [--reads 100]
+        [--out growth.json]
 
 Throughput (the default mode): the node runs as a real process, `aitbc-node serve --no-miner`
 with every rate limit off, on a copy of one prepared data directory (miner keys made once with
@@ -13,10 +15,13 @@ then drives it over HTTP:
 
 - N synthetic remote miners (--miners, 1, 4 and 16) speaking the node's own protocol as
   `aitbc-node miner` does (aitbc_node/remote_miner.py): register with the embedded model's
-  name and an Ed25519 public key, then loop: `GET /v1/jobs/available?wait=30&limit=10`, claim
-  (`POST /v1/jobs/{id}/claim`, a 409 is a lost race and is counted) up to --slots jobs of the
-  offer, in the offer's order (`--pick random`: shuffled), then complete each with a fixed
-  short result, its usage and the miner's co-signature over the result's SHA-256. No model runs.
+  name and an Ed25519 public key, then loop: `POST /v1/jobs/claim-next` for up to --slots
+  jobs (long-polled, `wait` 30), then complete them all in one `POST /v1/jobs/complete`, each
+  with a fixed short result, its usage and the miner's co-signature over the result's
+  SHA-256. No model runs. `--protocol tutorial` has them take work the tutorial's way instead:
+  `GET /v1/jobs/available?wait=30&limit=10`, claim (`POST /v1/jobs/{id}/claim`, a 409 is a
+  lost race and is counted) up to --slots jobs of the offer, in the offer's order (`--pick
+  random`: shuffled), then `POST /v1/jobs/{id}/complete` each.
 - --clients (32) clients, each in a loop: submit a tiny job (`POST /v1/jobs`, max_tokens 4) and
   long-poll it (`GET /v1/jobs/{id}?wait=30`) until it is completed.
 
@@ -31,7 +36,7 @@ saw completed by another miner than the one whose completion was accepted, is lo
 two accepted completions is doubled).
 
 The baseline is a bare Litestar app with one POST handler returning a small JSON, served by
-uvicorn (h11, as the node; --baseline-http) in its own process (this file with
+uvicorn (httptools on uvloop, as the node; --baseline-http) in its own process (this file with
 --serve-baseline), under the same load generator: --clients clients POSTing in a loop, req/s,
 p50, p99 and server CPU per request over the same window.
 
@@ -49,7 +54,13 @@ each size of completed jobs in turn (at the node's full-lifecycle speed: 100,000
 jobs/s take 17 minutes), the block sealer is let catch up, then `GET /api/v1/stats`,
 `GET /api/explorer/stats` and `GET /api/v1/jobs?limit=10` are each timed --reads (100) times,
 alternating, one at a time: p50 and p99 per size, and the database's size on disk (with its
-WAL, which dominates at small sizes).
+WAL, which dominates at small sizes). `--growth-fill direct` fills instead with the node
+stopped, in this process, through the node's own code (`Jobs.submit`, `claim_as`, `finish`
+with the miner's co-signature, so each job gets its signed receipt and payment; a block
+sealed every 200 jobs, as the sealer does at 100 jobs/s) on a store without fsyncs: the same
+rows at in-process speed. Then a node is started on it for the reads. `--growth-verify` also
+times `aitbc-node verify --data-dir` at each size, from genesis and with `--since TIP-10`
+(each a fresh process, its start-up included).
 
 Every server is stopped whatever happens; errors the load generator saw (status codes other
 than expected, dropped connections) and ERROR lines in the node's log are counted and printed.
@@ -407,6 +418,52 @@ async def mine(
                 tally.error("POST complete", status, data)
 
 
+async def mine_next(
+    http: Http, miner: Miner, tally: Tally, stop: asyncio.Event, args: argparse.Namespace
+) -> None:
+    """The miner loop on the node's own way: `claim-next` up to --slots jobs (long-polled),
+    then complete them all in one `POST /v1/jobs/complete`."""
+    completion = miner.completion()
+    del completion["miner_id"]
+    take = {"miner_id": miner.name, "max_jobs": args.slots, "wait": MINER_WAIT}
+    while not stop.is_set():
+        miner.polling = True
+        try:
+            status, data = await http.request(
+                "POST", "/api/v1/jobs/claim-next", take, timeout=MINER_WAIT + 60
+            )
+        except TRANSPORT_ERRORS:
+            tally.error("POST claim-next")
+            await asyncio.sleep(0.1)
+            continue
+        finally:
+            miner.polling = False
+        if status != 200:
+            tally.error("POST claim-next", status, data)
+            await asyncio.sleep(0.1)
+            continue
+        claimed = [job["job_id"] for job in json.loads(data)["jobs"]]
+        if not claimed:
+            continue
+        batch = {
+            "miner_id": miner.name,
+            "results": [{"job_id": job_id, **completion} for job_id in claimed],
+        }
+        try:
+            status, data = await http.request("POST", "/api/v1/jobs/complete", batch)
+        except TRANSPORT_ERRORS:
+            tally.error("POST complete")
+            continue
+        if status != 200:
+            tally.error("POST complete", status, data)
+            continue
+        for outcome in json.loads(data)["results"]:
+            if "job" in outcome:
+                tally.completions[outcome["job_id"]].append(miner.name)
+            else:
+                tally.error("POST complete: " + outcome["error_code"])
+
+
 class Quota:
     """How many more jobs the clients may submit (None: until told to stop)."""
 
@@ -551,7 +608,11 @@ async def lifecycle_load(
             await register(http, miner)
         stop_miners_event, stop_clients = asyncio.Event(), asyncio.Event()
         miner_tasks = [
-            asyncio.create_task(mine(http, miner, tally, stop_miners_event, args))
+            asyncio.create_task(
+                (mine if args.protocol == "tutorial" else mine_next)(
+                    http, miner, tally, stop_miners_event, args
+                )
+            )
             for http, miner in zip(miner_http, miners, strict=True)
         ]
         quota = Quota(jobs)
@@ -759,11 +820,15 @@ def spread(runs: list[dict[str, Any]], key: str, fmt: Callable[[float | None], s
 
 
 def throughput_table(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> str:
+    protocol = (
+        f"available + claim up to {args.slots} of each offer ({args.pick}) + complete each"
+        if args.protocol == "tutorial"
+        else f"claim-next up to {args.slots} + one batch completion"
+    )
     lines = [
-        f"Full job lifecycle (submit, available, claim, complete with co-signature, long poll to"
-        f" completed with receipt), {args.clients} clients, {args.seconds:g} s windows after"
-        f" {args.warmup:g} s warm-up, miners claiming up to {args.slots} of each offer"
-        f" ({args.pick}), {args.client} load generator"
+        f"Full job lifecycle (submit, miners taking work by {protocol}, with co-signatures,"
+        f" long poll to completed with receipt), {args.clients} clients, {args.seconds:g} s"
+        f" windows after {args.warmup:g} s warm-up, {args.client} load generator"
         + (f", node {' '.join(args.node_arg)}" if args.node_arg else "")
         + f"; median of {args.runs} interleaved runs (range):",
         "",
@@ -870,45 +935,156 @@ def database_bytes(data_dir: Path) -> int:
     return sum(p.stat().st_size for p in data_dir.glob("node.db*"))
 
 
+# Jobs between two seals in a direct fill: what the sealer finds every 2 s at 100 jobs/s.
+DIRECT_SEAL_EVERY = 200
+
+
+def fill_direct(data_dir: Path, miner: Miner, jobs: int) -> None:
+    """Add `jobs` completed jobs to the stopped node in `data_dir`, through its own code in
+    this process (see the module's docstring), every receipt sealed at the end."""
+    from aitbc_node.config import JobRules
+    from aitbc_node.keys import Principal
+    from aitbc_node.node import Node, NodeSettings
+    from aitbc_node.schemas import JobParams, SubmitJob
+
+    settings = NodeSettings(
+        data_dir=data_dir,
+        run_miner=False,
+        synchronous="OFF",  # a benchmark's fill: nothing to keep through a power cut
+        # the fill may outlast the miner's online window; the jobs are for its model anyway
+        rules=JobRules(accept_unserved_models=True),
+    )
+    node = Node(settings)
+    try:
+        completion = miner.completion()
+        node.miners.upsert(
+            miner.name, [SMOL], {}, builtin=False, public_key=miner.key.public_key_hex
+        )
+        client = Principal(key_id="bench-fill", name="default", role="client", identity="default")
+        request = SubmitJob(prompt="Say hi.", model=SMOL, params=JobParams(**JOB_PARAMS))
+        capabilities = json.dumps([SMOL])
+        started = time.perf_counter()
+        for i in range(1, jobs + 1):
+            job_id = node.jobs.submit(client, request)[0]["job_id"]
+            node.jobs.claim_as(miner.name, capabilities, job_id)
+            node.jobs.finish(
+                job_id,
+                miner.name,
+                result=completion["result"],
+                prompt_tokens=USAGE["prompt_tokens"],
+                completion_tokens=USAGE["completion_tokens"],
+                model_sha256=completion["model_sha256"],
+                miner_signature=completion["miner_signature"],
+            )
+            if i % DIRECT_SEAL_EVERY == 0:
+                node.ledger.seal(node.settings.block_max_items)
+            if i % 10_000 == 0:
+                rate = i / (time.perf_counter() - started)
+                print(f"  {i} of {jobs} jobs written ({rate:.0f} jobs/s)", flush=True)
+        while node.ledger.seal(node.settings.block_max_items) is not None:
+            pass
+    finally:
+        node.store.close()
+
+
+def verify_times(data_dir: Path) -> dict[str, Any]:
+    """Wall time of `aitbc-node verify --data-dir` from genesis and with `--since TIP-10`,
+    each a fresh process, as a user runs it (a node without `--since` answers exit 2)."""
+    import sqlite3
+
+    db = sqlite3.connect(data_dir / "node.db")
+    try:
+        (tip,) = db.execute("SELECT max(height) FROM blocks").fetchone()
+    finally:
+        db.close()
+    out: dict[str, Any] = {"tip": tip}
+    for label, extra in (("genesis", []), ("since", ["--since", str(max(tip - 10, 0))])):
+        started = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "aitbc_node", "verify", "--data-dir", str(data_dir), *extra],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        lines = (proc.stdout + proc.stderr).splitlines()
+        out[label] = {
+            "seconds": time.perf_counter() - started,
+            "exit": proc.returncode,
+            "args": extra,
+            "line": lines[0] if lines else "",
+        }
+        print(
+            f"  verify {' '.join(extra) or '(from genesis)'}: {out[label]['seconds']:.2f} s,"
+            f" exit {proc.returncode}: {out[label]['line'][:140]}",
+            flush=True,
+        )
+    return out
+
+
+def growth_step(node: NodeProcess, size: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The reads timed on a node holding `size` completed jobs (and verify, if asked)."""
+    step = asyncio.run(read_times(node.port, node.client_key, args))
+    step["size"] = size
+    step["database_bytes"] = database_bytes(node.data_dir)
+    print(
+        f"{step['completed_jobs']} completed jobs: "
+        + ", ".join(f"{p} p50 {fmt_ms(step[p]['p50_ms'])}" for p in step if "/" in p),
+        flush=True,
+    )
+    if args.growth_verify:
+        step["verify"] = verify_times(node.data_dir)
+    return step
+
+
 def run_growth(args: argparse.Namespace, tmp: Path) -> tuple[list[dict], str]:
     """The growth mode: fill one node step by step, time the reads at each size."""
     template, keys = prepare_template(tmp, args.growth_miners)
     miners = [Miner(name, key) for name, key in keys]
     steps: list[dict[str, Any]] = []
-    with node_server(template, tmp, "growth", args) as node:
+    if args.growth_fill == "direct":
+        data_dir = tmp / "growth"
+        shutil.copytree(template, data_dir)
         completed = 0
         for size in sorted(args.growth):
             if size > completed:
                 started = time.perf_counter()
-                tally, _ = asyncio.run(
-                    lifecycle_load(
-                        node.port,
-                        node.proc.pid,
-                        node.client_key,
-                        miners,
-                        args,
-                        jobs=size - completed,
-                    )
-                )
+                fill_direct(data_dir, miners[0], size - completed)
                 fill_s = time.perf_counter() - started
-                check = tally.check()
-                print(
-                    f"filled {len(tally.latencies)} jobs in {fill_s:.1f} s"
-                    f" ({len(tally.latencies) / fill_s:.1f} jobs/s), lost {check['lost']},"
-                    f" doubled {check['doubled']}"
-                    + (f", errors {dict(tally.errors)}" if tally.errors else ""),
-                    flush=True,
-                )
-            step = asyncio.run(read_times(node.port, node.client_key, args))
-            completed = step["completed_jobs"]
-            step["size"] = size
-            step["database_bytes"] = database_bytes(node.data_dir)
-            steps.append(step)
-            print(
-                f"{completed} completed jobs: "
-                + ", ".join(f"{p} p50 {fmt_ms(step[p]['p50_ms'])}" for p in step if "/" in p),
-                flush=True,
-            )
+                print(f"wrote {size - completed} jobs in {fill_s:.1f} s (node stopped)", flush=True)
+            node = NodeProcess(data_dir, "--no-miner", *UNLIMITED, *args.node_arg)
+            try:
+                node.start()
+                steps.append(growth_step(node, size, args))
+            finally:
+                node.stop()
+            completed = steps[-1]["completed_jobs"]
+    else:
+        with node_server(template, tmp, "growth", args) as node:
+            completed = 0
+            for size in sorted(args.growth):
+                if size > completed:
+                    started = time.perf_counter()
+                    tally, _ = asyncio.run(
+                        lifecycle_load(
+                            node.port,
+                            node.proc.pid,
+                            node.client_key,
+                            miners,
+                            args,
+                            jobs=size - completed,
+                        )
+                    )
+                    fill_s = time.perf_counter() - started
+                    check = tally.check()
+                    print(
+                        f"filled {len(tally.latencies)} jobs in {fill_s:.1f} s"
+                        f" ({len(tally.latencies) / fill_s:.1f} jobs/s), lost {check['lost']},"
+                        f" doubled {check['doubled']}"
+                        + (f", errors {dict(tally.errors)}" if tally.errors else ""),
+                        flush=True,
+                    )
+                steps.append(growth_step(node, size, args))
+                completed = steps[-1]["completed_jobs"]
     lines = [
         f"Read latency as the store grows (p50 / p99 of {args.reads} requests each, one at a"
         " time):",
@@ -928,6 +1104,23 @@ def run_growth(args: argparse.Namespace, tmp: Path) -> tuple[list[dict], str]:
             f"| {step['completed_jobs']:,} | {' | '.join(cells)} |"
             f" {size / 2**20:.1f} MB ({per_job:.1f} KB a job) |"
         )
+    if args.growth_verify:
+        lines += [
+            "",
+            "`aitbc-node verify --data-dir` (a fresh process each, start-up included):",
+            "",
+            "| completed jobs | blocks | from genesis | --since TIP-10 |",
+            "| --- | --- | --- | --- |",
+        ]
+        for step in steps:
+            verify = step["verify"]
+            cells = [
+                f"{verify[k]['seconds']:.2f} s" + ("" if verify[k]["exit"] == 0 else " (failed)")
+                for k in ("genesis", "since")
+            ]
+            lines.append(
+                f"| {step['completed_jobs']:,} | {verify['tip'] + 1:,} | {' | '.join(cells)} |"
+            )
     return steps, "\n".join(lines)
 
 
@@ -946,13 +1139,20 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10, help="measured window (10)")
     parser.add_argument("--warmup", type=float, default=2, help="seconds before it (2)")
     parser.add_argument(
-        "--slots", type=int, default=4, help="jobs a miner claims from one offer at most (4)"
+        "--slots", type=int, default=4, help="jobs a miner takes at once at most (4)"
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=["next", "tutorial"],
+        default="next",
+        help="miners take work with claim-next and complete in batches (next), or with"
+        " available + claim + complete per job, as the tutorial's miners do (tutorial)",
     )
     parser.add_argument(
         "--pick",
         choices=["oldest", "random"],
         default="oldest",
-        help="claim the offer in its order (oldest), or shuffled (random)",
+        help="--protocol tutorial: claim the offer in its order (oldest), or shuffled (random)",
     )
     parser.add_argument(
         "--client",
@@ -969,8 +1169,8 @@ def main() -> None:
     parser.add_argument(
         "--baseline-http",
         choices=["h11", "httptools", "auto"],
-        default="h11",
-        help="uvicorn's HTTP implementation for the baseline (h11, as the node)",
+        default="httptools",
+        help="uvicorn's HTTP implementation for the baseline (httptools, as the node)",
     )
     parser.add_argument(
         "--drain-timeout",
@@ -985,6 +1185,15 @@ def main() -> None:
         help="measure reads at these store sizes (completed jobs) instead, e.g. 1000,10000",
     )
     parser.add_argument("--growth-miners", type=int, default=1, help="miners filling it (1)")
+    parser.add_argument(
+        "--growth-fill",
+        choices=["api", "direct"],
+        default="api",
+        help="fill through the API (api), or with the node stopped, through its code (direct)",
+    )
+    parser.add_argument(
+        "--growth-verify", action="store_true", help="also time `verify --data-dir` each size"
+    )
     parser.add_argument("--reads", type=int, default=100, help="requests per read (100)")
     parser.add_argument("--out", type=Path, help="write every measurement here as JSON")
     parser.add_argument("--serve-baseline", type=int, metavar="PORT", help=argparse.SUPPRESS)
