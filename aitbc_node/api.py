@@ -546,12 +546,10 @@ async def claim_next(request: Request, data: ClaimNext) -> ClaimedJobs:
     also renews the leases of the jobs this miner runs (`renewed`), as a heartbeat does."""
     node = _node(request)
     jobs = node.jobs
-    answer = await authorized(
-        request, lambda p: (p, jobs.claim_next(p, data), jobs.served_by(data.miner_id))
-    )
-    principal, claimed, models = answer
+    principal, claimed = await authorized(request, lambda p: (p, jobs.claim_next(p, data)))
     if claimed["jobs"] or data.wait == 0:
         return claimed
+    models = jobs.served_by(data.miner_id)  # one row by key, read here on the loop
 
     async def claimed_now() -> dict[str, Any] | None:
         # An indexed read, here on the loop (WAL reads never wait for the writer): only when

@@ -7,12 +7,13 @@ reading them is one row lookup however long the history is.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
+from aitbc_node.schemas import JobStatus
 from aitbc_node.store import Connection, Row
 
-# The job statuses as `stats_counters` names its columns (`jobs_<status>`), in the API's order.
-JOB_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
+# The job statuses, in the API's order; `stats_counters` names its columns `jobs_<status>`.
+JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
 
 
 def read_counters(db: Connection) -> Row:

@@ -57,7 +57,6 @@ from aitbc_node.store import Connection, Row, Store
 if TYPE_CHECKING:
     from aitbc_node.webhooks import Webhooks
 
-STATUSES = ("pending", "running", "completed", "failed", "cancelled")
 TERMINAL = ("completed", "failed", "cancelled")
 # Idempotency keys are kept at least this long (the IETF draft and Stripe keep 24 hours).
 IDEMPOTENCY_KEY_MS = 24 * 3600 * 1000

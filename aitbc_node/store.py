@@ -243,8 +243,10 @@ class Store:
         full); then wake its writes."""
         try:
             with self._writer_moved:
-                while self._group is group and group.members < MAX_GROUP and (
-                    self._busy or self._waiting
+                while (
+                    self._group is group
+                    and group.members < MAX_GROUP
+                    and (self._busy or self._waiting)
                 ):
                     self._writer_moved.wait()
             self._take_writer()

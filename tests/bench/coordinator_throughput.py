@@ -363,6 +363,34 @@ async def register(http: Http, miner: Miner) -> None:
         raise RuntimeError(f"registering {miner.name}: {status} {data[:300]!r}")
 
 
+async def ask_for_work(
+    http: Http, miner: Miner, tally: Tally, method: str, path: str, query: dict[str, Any]
+) -> list[str] | None:
+    """One long poll for work (`available` offers or `claim-next` jobs): the job ids it
+    answered, or None after an error (counted, and a short pause)."""
+    what = f"{method} {path.rsplit('/', 1)[-1]}"
+    miner.polling = True
+    try:
+        status, data = await http.request(
+            method,
+            path,
+            query if method == "POST" else None,
+            params=query if method == "GET" else None,
+            timeout=MINER_WAIT + 60,
+        )
+    except TRANSPORT_ERRORS:
+        tally.error(what)
+        await asyncio.sleep(0.1)
+        return None
+    finally:
+        miner.polling = False
+    if status != 200:
+        tally.error(what, status, data)
+        await asyncio.sleep(0.1)
+        return None
+    return [job["job_id"] for job in json.loads(data)["jobs"]]
+
+
 async def mine(
     http: Http, miner: Miner, tally: Tally, stop: asyncio.Event, args: argparse.Namespace
 ) -> None:
@@ -371,22 +399,9 @@ async def mine(
     claim = {"miner_id": miner.name}
     poll = {"miner_id": miner.name, "wait": MINER_WAIT, "limit": OFFER_LIMIT}
     while not stop.is_set():
-        miner.polling = True
-        try:
-            status, data = await http.request(
-                "GET", "/api/v1/jobs/available", params=poll, timeout=MINER_WAIT + 60
-            )
-        except TRANSPORT_ERRORS:
-            tally.error("GET available")
-            await asyncio.sleep(0.1)
+        offered = await ask_for_work(http, miner, tally, "GET", "/api/v1/jobs/available", poll)
+        if offered is None:
             continue
-        finally:
-            miner.polling = False
-        if status != 200:
-            tally.error("GET available", status, data)
-            await asyncio.sleep(0.1)
-            continue
-        offered = [job["job_id"] for job in json.loads(data)["jobs"]]
         if args.pick == "random":
             random.shuffle(offered)
         claimed = []
@@ -427,22 +442,7 @@ async def mine_next(
     del completion["miner_id"]
     take = {"miner_id": miner.name, "max_jobs": args.slots, "wait": MINER_WAIT}
     while not stop.is_set():
-        miner.polling = True
-        try:
-            status, data = await http.request(
-                "POST", "/api/v1/jobs/claim-next", take, timeout=MINER_WAIT + 60
-            )
-        except TRANSPORT_ERRORS:
-            tally.error("POST claim-next")
-            await asyncio.sleep(0.1)
-            continue
-        finally:
-            miner.polling = False
-        if status != 200:
-            tally.error("POST claim-next", status, data)
-            await asyncio.sleep(0.1)
-            continue
-        claimed = [job["job_id"] for job in json.loads(data)["jobs"]]
+        claimed = await ask_for_work(http, miner, tally, "POST", "/api/v1/jobs/claim-next", take)
         if not claimed:
             continue
         batch = {
