@@ -1,7 +1,10 @@
 """The HTTP API (Litestar): routes, request bodies, authentication and the error shape.
 
-Handlers are async but do their store work on a thread pool, so a write that waits for the
-lock or an fsync never stalls the event loop. Every error leaves as
+Handlers are async. A key's check and reads of a few rows by key run on the event loop (WAL
+reads never wait for the writer); a write is handed to the store's writer thread, which runs
+the writes queued together in one transaction and answers them after its commit
+(`Store.run`); longer reads run on a thread pool. So neither a write's fsync nor a long read
+ever stalls the event loop. Every error leaves as
 `{"detail": ..., "error_code": ...}`; nothing else reaches the client.
 """
 
@@ -14,7 +17,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from litestar import Litestar, MediaType, Request, Response, Router, delete, get, post
 from litestar.config.cors import CORSConfig
@@ -169,21 +172,24 @@ async def ended_job(node: Node, job_id: str) -> dict[str, Any] | None:
     return job if job["status"] in TERMINAL else None
 
 
-async def authorized(
-    request: Request, fn: Callable[[Principal], T], *, reads_only: bool = False
-) -> T:
-    """Authenticate the request's API key, then run `fn(principal)` off the event loop, or
-    on it when `fn` only reads a few rows by key (`reads_only`): WAL reads never wait for
-    the writer, and a hop to the store's threads and back costs more than such a read."""
+# Where `authorized` runs a handler's work: on the event loop (a few rows read by key), on
+# the thread pool (a longer read, or work that may wait on something else than the store, as
+# a webhook URL's name lookup), or on the store's writer thread (writes that only compute and
+# touch the store: a wait there would hold up every write queued behind it).
+RunsOn = Literal["loop", "pool", "writer"]
+
+
+async def authorized(request: Request, fn: Callable[[Principal], T], *, on: RunsOn = "writer") -> T:
+    """Authenticate the request's API key (one row by key, read here on the event loop) and
+    check its rate limit, then run `fn(principal)` where `on` says."""
     node = _node(request)
-    api_key = request_api_key(request)
-
-    def call() -> T:
-        principal = keys.authenticate(node.store, api_key)
-        node.rate_limiter.check(principal.role, principal.key_id)
+    principal = keys.authenticate(node.store, request_api_key(request))
+    node.rate_limiter.check(principal.role, principal.key_id)
+    if on == "loop":
         return fn(principal)
-
-    return call() if reads_only else await in_thread(call)
+    if on == "pool":
+        return await in_thread(fn, principal)
+    return await node.store.run(lambda: fn(principal))
 
 
 def public(request: Request) -> Node:
@@ -378,7 +384,8 @@ async def whoami(request: Request) -> WhoAmI:
     """The identity and role this API key acts as."""
     return await authorized(
         request,
-        lambda p: {"key_id": p.key_id, "name": p.name, "role": p.role, "identity": p.identity},
+        on="loop",
+        fn=lambda p: {"key_id": p.key_id, "name": p.name, "role": p.role, "identity": p.identity},
     )
 
 
@@ -391,7 +398,7 @@ async def list_jobs(
 ) -> JobList:
     """Your jobs, newest first; `next_cursor` fetches the next page."""
     jobs = _node(request).jobs
-    return await authorized(request, lambda p: jobs.list(p, status, limit, cursor))
+    return await authorized(request, lambda p: jobs.list(p, status, limit, cursor), on="pool")
 
 
 @operation(get, "/v1/jobs/available", *WRITES, 404, tag="miners")
@@ -423,14 +430,14 @@ async def get_job(request: Request, job_id: JobId, wait: Wait = 0) -> Job:
     """One job. With `wait=SECONDS` (up to 60) the answer comes as soon as the job ends, or
     with its current state when the time runs out."""
     node = _node(request)
-    job = await authorized(request, lambda p: node.jobs.get(p, job_id), reads_only=True)
+    job = await authorized(request, lambda p: node.jobs.get(p, job_id), on="loop")
     if job["status"] in TERMINAL or wait == 0:
         return job
 
     done = await node.signals.waiters.until(
         lambda: ended_job(node, job_id), (job_key(job_id),), wait
     )
-    return done or await in_thread(node.jobs.peek, job_id)
+    return done or node.jobs.peek(job_id)  # one row by key, on the loop
 
 
 @operation(post, "/v1/jobs/{job_id:str}/cancel", *WRITES, 404, 409, tag="jobs")
@@ -453,7 +460,7 @@ async def stream_job(request: Request, job_id: JobId) -> ServerSentEvent:
     """Server-sent events: `text` events as the miner generates (a late joiner first gets
     the text so far), then one `job` event with the final job view."""
     node = _node(request)
-    await authorized(request, lambda p: node.jobs.get(p, job_id))
+    await authorized(request, lambda p: node.jobs.get(p, job_id), on="loop")
     return ServerSentEvent(job_events(node, job_id), headers={"Cache-Control": "no-cache"})
 
 
@@ -553,10 +560,10 @@ async def claim_next(request: Request, data: ClaimNext) -> ClaimedJobs:
 
     async def claimed_now() -> dict[str, Any] | None:
         # An indexed read, here on the loop (WAL reads never wait for the writer): only when
-        # a job is pending is a claim, a write, worth a trip to the store's threads.
+        # a job is pending is a claim, a write, worth a trip to the writer thread.
         if not jobs.has_pending(models):
             return None
-        current = await in_thread(jobs.claim_next, principal, data)
+        current = await node.store.run(lambda: jobs.claim_next(principal, data))
         return current if current["jobs"] else None
 
     keys = tuple(model_work_key(model) for model in models)
@@ -602,14 +609,15 @@ async def fail_job(request: Request, job_id: JobId, data: FailJob) -> Job:
 async def create_webhook(request: Request, data: CreateWebhook) -> NewWebhook:
     """Register `{url, events}`; the answer holds the signing secret, shown this once."""
     webhooks = _node(request).webhooks
-    return await authorized(request, lambda p: webhooks.create(p, data))
+    # The URL's host name is looked up (DNS): never on the writer thread.
+    return await authorized(request, lambda p: webhooks.create(p, data), on="pool")
 
 
 @operation(get, "/v1/webhooks", tag="webhooks")
 async def list_webhooks(request: Request) -> WebhookList:
     """Your webhooks (without their secrets)."""
     webhooks = _node(request).webhooks
-    return await authorized(request, webhooks.list)
+    return await authorized(request, webhooks.list, on="pool")
 
 
 @operation(
@@ -635,7 +643,9 @@ async def webhook_deliveries(
 ) -> DeliveryList:
     """A webhook's events, newest first, with every delivery attempt."""
     webhooks = _node(request).webhooks
-    return await authorized(request, lambda p: webhooks.deliveries(p, webhook_id, limit, cursor))
+    return await authorized(
+        request, lambda p: webhooks.deliveries(p, webhook_id, limit, cursor), on="pool"
+    )
 
 
 # -- receipts and the explorer (public) ----------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from functools import lru_cache
 
 
 def now_ms() -> int:
@@ -15,5 +15,11 @@ def rfc3339(ms: int | None) -> str | None:
     """Render epoch milliseconds as `2026-01-24T15:00:05.123Z`; None stays None."""
     if ms is None:
         return None
-    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    return f"{_utc_second(ms // 1000)}.{ms % 1000:03d}Z"
+
+
+@lru_cache(maxsize=4096)
+def _utc_second(seconds: int) -> str:
+    """`2026-01-24T15:00:05` for epoch `seconds`: a job's view shows up to four times, each
+    rendered on every read of it, and recent seconds repeat, so they are kept."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))

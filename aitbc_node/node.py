@@ -84,7 +84,7 @@ class Node:
         os.chmod(self.data_dir, 0o700)
         self.key = NodeKey.load_or_create(self.data_dir / NODE_KEY_FILE)
         self.store = Store(self.data_dir / DATABASE_FILE, synchronous=settings.synchronous)
-        self.signals = Signals()
+        self.signals = Signals(after_commit=self.store.after_commit)
         self.metrics = Metrics()
         self.miners = Miners(self.store, settings.rules)
         self.metrics.watch(self.store, self.miners)

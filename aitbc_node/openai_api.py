@@ -143,7 +143,7 @@ def model_entries(node: Node) -> list[dict[str, Any]]:
 async def list_models(request: Request) -> dict[str, Any]:
     """The models this node serves now (OpenAI's `models.list`)."""
     node = api._node(request)
-    data = await api.authorized(request, lambda _: model_entries(node))
+    data = await api.authorized(request, lambda _: model_entries(node), on="pool")
     return {"object": "list", "data": data}
 
 
@@ -152,7 +152,7 @@ async def get_model(request: Request, model_id: str) -> dict[str, Any]:
     """One model or alias (OpenAI's `models.retrieve`)."""
     node = api._node(request)
     name = model_id.lstrip("/")
-    entries = await api.authorized(request, lambda _: model_entries(node))
+    entries = await api.authorized(request, lambda _: model_entries(node), on="pool")
     for found in entries:
         if found["id"] == name:
             return found

@@ -152,10 +152,19 @@ class Waiters:
                 self.unregister(future, *keys)
 
 
-class Signals:
-    """Wake-ups for new work, cancels, job changes and generated text."""
+def _at_once(action: Callable[[], None]) -> None:
+    action()
 
-    def __init__(self) -> None:
+
+class Signals:
+    """Wake-ups for new work, cancels, job changes and generated text.
+
+    `after_commit` (the store's) holds the wake-ups for work, job changes and cancels that a
+    write sets off until that write is committed, so what wakes finds the row it is told of.
+    """
+
+    def __init__(self, after_commit: Callable[[Callable[[], None]], None] = _at_once) -> None:
+        self._after_commit = after_commit
         self.waiters = Waiters()
         self._work = threading.Condition()
         self._work_generation = 0
@@ -175,6 +184,9 @@ class Signals:
         every `available` long poll, and one claim-next waiting for `model` (one can take a
         new job; waking them all would have all but one look for nothing). Without a model
         (requeued jobs, maybe several) every claim-next wakes."""
+        self._after_commit(lambda: self._wake_for_work(model))
+
+    def _wake_for_work(self, model: str | None) -> None:
         with self._work:
             self._work_generation += 1
             self._work.notify_all()
@@ -193,6 +205,9 @@ class Signals:
 
     def job_changed(self, job_id: str, *, finished: bool = False) -> None:
         """Say that a job changed state; a finished job's kept text is let go."""
+        self._after_commit(lambda: self._job_changed(job_id, finished))
+
+    def _job_changed(self, job_id: str, finished: bool) -> None:
         if finished:
             with self._text_lock:
                 self._text.pop(job_id, None)
@@ -213,11 +228,14 @@ class Signals:
 
     def job_cancelled(self, job_id: str) -> None:
         """Say that `job_id` was cancelled, stopping its generation if one is running here."""
+        self._after_commit(lambda: self._job_cancelled(job_id))
+
+    def _job_cancelled(self, job_id: str) -> None:
         with self._cancel_lock:
             event = self._cancel_events.get(job_id)
         if event is not None:
             event.set()
-        self.job_changed(job_id, finished=True)
+        self._job_changed(job_id, finished=True)
 
     def text_generated(self, job_id: str, text: str) -> None:
         """Add text a running job produced (from the built-in miner or a remote one)."""

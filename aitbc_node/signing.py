@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import secrets
+from functools import lru_cache
 from pathlib import Path
 
 from nacl.exceptions import BadSignatureError
@@ -47,8 +48,22 @@ def _public_key_bytes(public_key_hex: str) -> bytes:
     return bytes.fromhex(public_key_hex)
 
 
+# The ids, addresses and signature checks below are pure functions of their text, asked of
+# the same few keys and identities over and over (every receipt names its node key, client
+# and miner; a co-signature is checked when its result arrives and again when the receipt is
+# signed): each keeps its recent answers. Only str arguments reach a cache (anything else is
+# refused first, never a TypeError from hashing it).
+_CACHED = 4096
+
+
 def key_id_for(public_key_hex: str) -> str:
     """Short stable id of a public key: `ed25519:` + 16 hex chars of its SHA-256."""
+    _public_key_bytes(public_key_hex)  # refuses what is not 64 hex characters
+    return _key_id(public_key_hex)
+
+
+@lru_cache(maxsize=_CACHED)
+def _key_id(public_key_hex: str) -> str:
     return "ed25519:" + hashlib.sha256(_public_key_bytes(public_key_hex)).hexdigest()[:16]
 
 
@@ -58,6 +73,12 @@ def _address(digest: bytes) -> str:
 
 def address_for(public_key_hex: str) -> str:
     """Account address of an Ed25519 public key."""
+    _public_key_bytes(public_key_hex)  # refuses what is not 64 hex characters
+    return _key_address(public_key_hex)
+
+
+@lru_cache(maxsize=_CACHED)
+def _key_address(public_key_hex: str) -> str:
     return _address(hashlib.sha256(_public_key_bytes(public_key_hex)).digest())
 
 
@@ -69,6 +90,11 @@ def address_for_identity(namespace: str, identity: str) -> str:
     """
     if ":" in namespace:
         raise ValueError("identity namespace must not contain ':'")
+    return _identity_address(namespace, identity)
+
+
+@lru_cache(maxsize=_CACHED)
+def _identity_address(namespace: str, identity: str) -> str:
     material = b"aitbc-identity:" + namespace.encode("utf-8") + b":" + identity.encode("utf-8")
     return _address(hashlib.sha256(material).digest())
 
@@ -80,11 +106,19 @@ def is_address(s: object) -> bool:
 
 def verify_signature(public_key_hex: str, message: bytes, signature_hex: str) -> bool:
     """True if `signature_hex` is a valid Ed25519 signature; False (never raises) otherwise."""
+    if not (
+        isinstance(public_key_hex, str)
+        and isinstance(message, bytes)
+        and isinstance(signature_hex, str)
+        and _HEX128.fullmatch(signature_hex)
+    ):
+        return False
+    return _verified(public_key_hex, message, signature_hex)
+
+
+@lru_cache(maxsize=1024)
+def _verified(public_key_hex: str, message: bytes, signature_hex: str) -> bool:
     try:
-        if not isinstance(message, bytes) or not isinstance(signature_hex, str):
-            return False
-        if not _HEX128.fullmatch(signature_hex):
-            return False
         VerifyKey(_public_key_bytes(public_key_hex)).verify(message, bytes.fromhex(signature_hex))
         return True
     except BadSignatureError:

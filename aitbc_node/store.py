@@ -15,17 +15,28 @@ of a group leads it: once no other writer is waiting (or the group is full) it c
 Callers (the API worker threads, the miner thread, the lease reaper) call these from ordinary
 threads, never from the event loop, so a wait for the writer or an fsync stalls no request
 but the ones that write.
+
+The event loop hands its writes to the store's own writer thread instead (`run`): each
+request's work is a function queued there, and the thread takes everything queued at once and
+runs it in one transaction, each `write` inside in its own savepoint, then commits once and
+answers them all with one wake-up of the loop. No request waits on a thread pool, and the
+writes that queue while a commit's fsync runs form the next group by themselves. What such a
+function would set off after its writes (a signal to long polls, a webhook wake-up) it hands
+to `after_commit`, which holds it until the commit is on disk: nobody is woken to look for a
+row not yet committed, nor for one a failed commit took back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import queue
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import apsw
 
@@ -38,6 +49,7 @@ BUSY_TIMEOUT_MS = 10_000
 # The most writes one commit holds (a bound on how long the first of them waits).
 MAX_GROUP = 128
 Row = dict[str, Any]
+T = TypeVar("T")
 # What a write gets from a full (or failing) disk: SQLITE_FULL, and SQLITE_IOERR, which is
 # what SQLite reports when growing the WAL or its index fails for want of space.
 STORAGE_ERRORS = (apsw.FullError, apsw.IOError)
@@ -87,6 +99,35 @@ class _Group:
         self.error: BaseException | None = None
 
 
+class _Task:
+    """A function the event loop queued for the writer thread (`Store.run`), and its outcome."""
+
+    __slots__ = ("after", "error", "fn", "future", "groups", "result")
+
+    def __init__(self, fn: Callable[[], Any], future: asyncio.Future[Any]) -> None:
+        self.fn = fn
+        self.future = future
+        self.groups: list[_Group] = []  # the groups its writes joined
+        self.after: list[Callable[[], None]] = []  # what it set off, held for the commit
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def lost_with(self) -> BaseException | None:
+        """The error of a group its writes were lost with, if any was."""
+        return next((g.error for g in self.groups if g.error is not None), None)
+
+
+def _settle(tasks: list[_Task]) -> None:
+    """In the tasks' event loop: answer each awaiting request (unless it went away)."""
+    for task in tasks:
+        if task.future.done():
+            continue
+        if task.error is not None:
+            task.future.set_exception(task.error)
+        else:
+            task.future.set_result(task.result)
+
+
 class Store:
     """The node's SQLite file: migrations at open, one locked writer, per-thread readers."""
 
@@ -112,6 +153,10 @@ class Store:
         self._local = threading.local()
         self._readers: list[apsw.Connection] = []
         self._readers_lock = threading.Lock()
+        # The event loop's writes (`run`): queued for one thread, started on first use.
+        self._tasks: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
+        self._batcher: threading.Thread | None = None
+        self._batcher_lock = threading.Lock()
 
     def _make_private(self) -> None:
         """Mode 0600 for the database and its -wal and -shm files (they hold prompts and
@@ -142,23 +187,18 @@ class Store:
 
         A write the disk refuses (full, or failing) raises `StorageFull` with nothing
         written, and leaves the writer ready for the next write once space is back.
+
+        On the writer thread, inside a function queued by `run`, it joins the open group and
+        returns at once: the thread commits the group when its functions are done.
         """
+        task: _Task | None = getattr(self._local, "task", None)
+        if task is not None:  # the writer thread holds the writer, and commits the group
+            group = yield from self._savepoint(durable)
+            task.groups.append(group)
+            return
         self._take_writer()
         try:
-            group = self._join_group(durable)
-            try:
-                yield Connection(self._writer)
-            except BaseException as e:
-                self._undo(group, e)
-                if isinstance(e, STORAGE_ERRORS):
-                    raise storage_full(e) from e
-                raise
-            try:
-                self._writer.execute("RELEASE write")
-            except STORAGE_ERRORS as e:
-                self._undo(group, e)
-                raise storage_full(e) from e
-            group.members += 1
+            group = yield from self._savepoint(durable)
             leads = not group.leader_chosen
             group.leader_chosen = True
         finally:
@@ -170,6 +210,122 @@ class Store:
             raise storage_full(group.error) from group.error
         if group.error is not None:
             raise RuntimeError(f"this write was lost with its group: {group.error}")
+
+    def _savepoint(self, durable: bool) -> Generator[Connection, None, _Group]:
+        """With the writer held: one write in its own savepoint of the open group (yielding
+        the connection, as `write` does); taken back alone if it raises. Returns the group
+        (delegated to with `yield from`)."""
+        group = self._join_group(durable)
+        try:
+            yield Connection(self._writer)
+        except BaseException as e:
+            self._undo(group, e)
+            if isinstance(e, STORAGE_ERRORS):
+                raise storage_full(e) from e
+            raise
+        try:
+            self._writer.execute("RELEASE write")
+        except STORAGE_ERRORS as e:
+            self._undo(group, e)
+            raise storage_full(e) from e
+        group.members += 1
+        return group
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """Run `fn()` on the store's writer thread, with the other functions queued beside it,
+        and return what it returns (or raise what it raised) once its group's commit is on
+        disk. Call from an event loop; `fn` may read, `write` and call `after_commit`."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._start_batcher()
+        self._tasks.put(_Task(fn, future))
+        return await future
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        """Do `action` once what this thread wrote is committed: now, except inside a
+        function `run` queued, where it waits for that function's group (and is dropped if
+        the group is lost)."""
+        task: _Task | None = getattr(self._local, "task", None)
+        if task is None:
+            action()
+        else:
+            task.after.append(action)
+
+    def _start_batcher(self) -> None:
+        if self._batcher is not None:
+            return
+        with self._batcher_lock:
+            if self._batcher is None:
+                self._batcher = threading.Thread(
+                    target=self._run_batches, name="store-writer", daemon=True
+                )
+                self._batcher.start()
+
+    def _run_batches(self) -> None:
+        """The writer thread: take everything queued (up to `MAX_GROUP`), run it as one
+        group, answer it; until `close` queues None."""
+        while True:
+            first = self._tasks.get()
+            if first is None:
+                return
+            tasks = [first]
+            stopping = False
+            while len(tasks) < MAX_GROUP:
+                try:
+                    task = self._tasks.get_nowait()
+                except queue.Empty:
+                    break
+                if task is None:
+                    stopping = True
+                    break
+                tasks.append(task)
+            try:
+                self._run_batch(tasks)
+            except BaseException as e:  # a bug here must not strand the waiting requests
+                log.exception("the store's writer thread failed a batch")
+                for task in tasks:
+                    task.error = task.error or e
+            self._answer(tasks)
+            if stopping:
+                return
+
+    def _run_batch(self, tasks: list[_Task]) -> None:
+        """With the writer held: each task's function, then one commit for all."""
+        self._take_writer()
+        try:
+            for task in tasks:
+                self._local.task = task
+                try:
+                    task.result = task.fn()
+                except BaseException as e:
+                    task.error = e
+                finally:
+                    self._local.task = None
+            if self._group is not None:
+                self._commit(self._group)
+        finally:
+            self._give_writer()
+
+    def _answer(self, tasks: list[_Task]) -> None:
+        """After a batch's commit: what each task set off, then its answer, in its loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Task]] = {}
+        for task in tasks:
+            lost = task.lost_with()
+            if lost is not None:
+                task.error = (
+                    storage_full(lost)
+                    if isinstance(lost, STORAGE_ERRORS)
+                    else RuntimeError(f"this write was lost with its group: {lost}")
+                )
+            else:
+                for action in task.after:
+                    try:
+                        action()
+                    except Exception:
+                        log.exception("an action after a commit failed")
+            by_loop.setdefault(task.future.get_loop(), []).append(task)
+        for loop, batch in by_loop.items():
+            with suppress(RuntimeError):  # a loop already closed: nobody waits
+                loop.call_soon_threadsafe(_settle, batch)
 
     def _take_writer(self) -> None:
         with self._writer_free:
@@ -307,7 +463,10 @@ class Store:
         self._writer = fresh
 
     def read(self) -> Connection:
-        """This thread's read connection (opened on first use)."""
+        """This thread's read connection (opened on first use). Inside a function `run`
+        queued, the writer itself: it sees the writes of the group not yet committed."""
+        if getattr(self._local, "task", None) is not None:
+            return Connection(self._writer)
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._open()
@@ -332,7 +491,12 @@ class Store:
             self._commit(self._group)
 
     def close(self) -> None:
-        """Checkpoint and close every connection this store opened."""
+        """Finish the writes queued for the writer thread, then checkpoint and close every
+        connection this store opened."""
+        if self._batcher is not None:
+            self._tasks.put(None)
+            self._batcher.join()
+            self._batcher = None
         self._take_writer()
         try:
             self._commit_open_group()

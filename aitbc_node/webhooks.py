@@ -237,6 +237,7 @@ class Webhooks:
         return len(wanted)
 
     def wake(self) -> None:
-        """Tell the dispatcher new deliveries are due (after the enqueuing commit)."""
+        """Tell the dispatcher new deliveries are due, once the enqueuing commit is on disk
+        (see `Store.after_commit`)."""
         if self.on_enqueued is not None:
-            self.on_enqueued()
+            self.store.after_commit(self.on_enqueued)

@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from aitbc_node.models import EMBEDDED_NAME
+from aitbc_node.store import Store
 
 SMOL = EMBEDDED_NAME
 ROOT = Path(__file__).resolve().parent.parent
@@ -371,3 +372,15 @@ def browser() -> Iterator[Any]:
         chromium = launch(playwright)
         yield chromium
         chromium.close()
+
+
+def count_commits(store: Store) -> list[int]:
+    """A list that grows by one at every commit of the store's writer."""
+    commits: list[int] = []
+
+    def hook() -> bool:
+        commits.append(1)
+        return False  # go on with the commit
+
+    store._writer.set_commit_hook(hook)
+    return commits

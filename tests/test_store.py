@@ -7,10 +7,12 @@ import threading
 import time
 from pathlib import Path
 
+import apsw
 import pytest
 
 from aitbc_node.migrations import MIGRATIONS
 from aitbc_node.store import Store
+from tests.conftest import count_commits
 
 
 def synchronous(store: Store) -> int:
@@ -69,18 +71,6 @@ def test_light_writes_leave_the_sync_setting_as_it_was(tmp_path: Path) -> None:
         normal.close()
 
 
-def count_commits(store: Store) -> list[int]:
-    """A list that grows by one at every commit of the store's writer."""
-    commits: list[int] = []
-
-    def hook() -> bool:
-        commits.append(1)
-        return False  # go on with the commit
-
-    store._writer.set_commit_hook(hook)
-    return commits
-
-
 def test_concurrent_writes_share_commits_and_each_returns_committed(tmp_path: Path) -> None:
     """Group commit: writes from many threads at once take fewer commits than writes, and
     each write returns only once its row is committed (another connection sees it)."""
@@ -92,13 +82,15 @@ def test_concurrent_writes_share_commits_and_each_returns_committed(tmp_path: Pa
     lock = threading.Lock()
 
     def writer(t: int) -> None:
-        outside = sqlite3.connect(tmp_path / "node.db")
+        # apsw, the store's own SQLite: the sqlite3 module's copy would drop the store's
+        # file locks when this connection closes while other threads still write.
+        outside = apsw.Connection(str(tmp_path / "node.db"))
         for i in range(50):
             n = t * 1000 + i
             with store.write() as db:
                 db.execute("INSERT INTO items VALUES (?, ?)", (n, str(t)))
                 time.sleep(0.0005)  # a write that takes a moment, as a receipt's signing does
-            found = outside.execute("SELECT count(*) FROM items WHERE n = ?", (n,)).fetchone()
+            found = next(outside.execute("SELECT count(*) FROM items WHERE n = ?", (n,)))
             with lock:
                 seen_after_return.append(found[0] == 1)
         outside.close()
