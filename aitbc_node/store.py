@@ -18,7 +18,7 @@ but the ones that write.
 
 The event loop hands its writes to the store's own writer thread instead (`run`): each
 request's work is a function queued there, and the thread takes everything queued at once and
-runs it in one transaction, each `write` inside in its own savepoint, then commits once and
+runs it in one transaction, each `write` in its own savepoint, then commits once and
 answers them all with one wake-up of the loop. No request waits on a thread pool, and the
 writes that queue while a commit's fsync runs form the next group by themselves. What such a
 function would set off after its writes (a signal to long polls, a webhook wake-up) it hands
