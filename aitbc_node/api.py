@@ -100,7 +100,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("aitbc_node.api")
 T = TypeVar("T")
 
-# Store calls run here rather than on the event loop (see the module docstring).
+# Longer reads, and work that may wait on more than the store, run here (see the module
+# docstring); writes go to the store's writer thread instead.
 _store_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="api-store")
 
 STREAM_KEEPALIVE_SECONDS = 15.0
@@ -143,7 +144,7 @@ def _node(request: Request) -> Node:
 
 
 def store_pool() -> ThreadPoolExecutor:
-    """The thread pool the handlers do their store work on."""
+    """The thread pool the handlers do their longer reads (and slower work) on."""
     return _store_pool
 
 

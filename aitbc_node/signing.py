@@ -54,6 +54,10 @@ def _public_key_bytes(public_key_hex: str) -> bytes:
 # signed): each keeps its recent answers. Only str arguments reach a cache (anything else is
 # refused first, never a TypeError from hashing it).
 _CACHED = 4096
+# Signature checks are kept only for messages this short (a co-signature signs a result's
+# 64-character SHA-256): a cache of whole documents, which anyone may send to the public
+# verify route, could hold a thousand bodies of a megabyte each.
+_CACHED_MESSAGE_BYTES = 128
 
 
 def key_id_for(public_key_hex: str) -> str:
@@ -108,15 +112,17 @@ def verify_signature(public_key_hex: str, message: bytes, signature_hex: str) ->
     """True if `signature_hex` is a valid Ed25519 signature; False (never raises) otherwise."""
     if not (
         isinstance(public_key_hex, str)
+        and _HEX64.fullmatch(public_key_hex)
         and isinstance(message, bytes)
         and isinstance(signature_hex, str)
         and _HEX128.fullmatch(signature_hex)
     ):
         return False
+    if len(message) <= _CACHED_MESSAGE_BYTES:
+        return _verified_short(public_key_hex, message, signature_hex)
     return _verified(public_key_hex, message, signature_hex)
 
 
-@lru_cache(maxsize=1024)
 def _verified(public_key_hex: str, message: bytes, signature_hex: str) -> bool:
     try:
         VerifyKey(_public_key_bytes(public_key_hex)).verify(message, bytes.fromhex(signature_hex))
@@ -125,6 +131,9 @@ def _verified(public_key_hex: str, message: bytes, signature_hex: str) -> bool:
         return False
     except Exception:  # malformed key bytes etc.: a verifier must answer, not crash
         return False
+
+
+_verified_short = lru_cache(maxsize=1024)(_verified)
 
 
 class NodeKey:

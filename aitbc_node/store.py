@@ -63,6 +63,14 @@ def storage_full(exc: BaseException) -> StorageFull:
     )
 
 
+def lost_with_group(error: BaseException) -> Exception:
+    """What a write raises when its group's transaction was lost to `error` (a refused
+    commit, or another write's full disk), though the write itself went well."""
+    if isinstance(error, STORAGE_ERRORS):
+        return storage_full(error)
+    return RuntimeError(f"this write was lost with its group: {error}")
+
+
 def _dict_rows(cursor: apsw.Cursor, row: tuple[Any, ...]) -> Row:
     return {name: value for (name, _), value in zip(cursor.get_description(), row, strict=True)}
 
@@ -206,10 +214,8 @@ class Store:
         if leads:
             self._lead(group)
         group.committed.wait()
-        if isinstance(group.error, STORAGE_ERRORS):
-            raise storage_full(group.error) from group.error
         if group.error is not None:
-            raise RuntimeError(f"this write was lost with its group: {group.error}")
+            raise lost_with_group(group.error) from group.error
 
     def _savepoint(self, durable: bool) -> Generator[Connection, None, _Group]:
         """With the writer held: one write in its own savepoint of the open group (yielding
@@ -311,11 +317,7 @@ class Store:
         for task in tasks:
             lost = task.lost_with()
             if lost is not None:
-                task.error = (
-                    storage_full(lost)
-                    if isinstance(lost, STORAGE_ERRORS)
-                    else RuntimeError(f"this write was lost with its group: {lost}")
-                )
+                task.error = lost_with_group(lost)
             else:
                 for action in task.after:
                     try:

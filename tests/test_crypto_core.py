@@ -586,3 +586,20 @@ def test_decimal_string_round_trips(x: float) -> None:
     s = decimal_string(x)
     assert re.fullmatch(r"-?(0|[1-9][0-9]*)(\.[0-9]*[1-9])?", s)
     assert float(s) == x
+
+
+def test_signature_checks_are_kept_only_for_short_messages() -> None:
+    """A co-signature's check is remembered (it is made twice per completion); a long
+    document's, which anyone may send to the verify route, never is, so the cache stays small."""
+    from aitbc_node import signing
+
+    key = NODE
+    short, long = b"a" * 64, os.urandom(64 * 1024)
+    kept = signing._verified_short.cache_info().currsize
+    assert verify_signature(key.public_key_hex, short, key.sign(short))
+    assert verify_signature(key.public_key_hex, short, key.sign(short))
+    assert signing._verified_short.cache_info().currsize == kept + 1
+    assert verify_signature(key.public_key_hex, long, key.sign(long))
+    assert not verify_signature(key.public_key_hex, long, key.sign(short))
+    assert signing._verified_short.cache_info().currsize == kept + 1
+    assert not verify_signature(key.public_key_hex, short, key.sign(b"b" * 64))
