@@ -168,9 +168,9 @@ def request_api_key(request: Request) -> str | None:
 
 async def ended_job(node: Node, job_id: str) -> dict[str, Any] | None:
     """The job's view once it has ended, else None (a check for `Waiters.until`). Read here
-    on the event loop: one row by its key, and WAL reads never wait for the writer."""
-    job = node.jobs.peek(job_id)
-    return job if job["status"] in TERMINAL else None
+    on the event loop: kept from its finish, or one row by its key (WAL reads never wait for
+    the writer)."""
+    return node.jobs.ended_view(job_id)
 
 
 # Where `authorized` runs a handler's work: on the event loop (a few rows read by key), on
@@ -372,11 +372,21 @@ async def list_miners(request: Request) -> MinerList:
     },
 )
 async def submit_job(
-    request: Request, data: SubmitJob, idempotency_key: IdempotencyKey = None
+    request: Request, data: SubmitJob, idempotency_key: IdempotencyKey = None, wait: Wait = 0
 ) -> Response[Job]:
-    """Submit a job: `{prompt, model?, params?}`. Without `model`, the node's `default_model`."""
-    jobs = _node(request).jobs
+    """Submit a job: `{prompt, model?, params?}`. Without `model`, the node's `default_model`.
+    With `wait=SECONDS` (up to 60) the answer comes once the job has ended (with its result
+    and receipt), or with its state when the time runs out: submit and wait in one request.
+    The job is stored before any wait begins."""
+    node = _node(request)
+    jobs = node.jobs
     job, created = await authorized(request, lambda p: jobs.submit(p, data, idempotency_key))
+    if wait and job["status"] not in TERMINAL:
+        job_id = job["job_id"]
+        ended = await node.signals.waiters.until(
+            lambda: ended_job(node, job_id), (job_key(job_id),), wait
+        )
+        job = ended or jobs.peek(job_id)  # one row by key, on the loop
     return Response(job, status_code=HTTP_201_CREATED if created else HTTP_200_OK)
 
 
@@ -547,28 +557,34 @@ async def claim_job(request: Request, job_id: JobId, data: MinerRequest) -> Job:
 
 @operation(post, "/v1/jobs/claim-next", *BODY, *WRITES, 404, tag="miners")
 async def claim_next(request: Request, data: ClaimNext) -> ClaimedJobs:
-    """Take work: `{miner_id, max_jobs?, wait?}`. Up to `max_jobs` (1 to 64) pending jobs
-    for this miner's models, in turn by client, each handed to this miner alone: miners
-    asking together get different jobs, never a 409. With `wait=SECONDS` (up to 60) the
-    answer comes as soon as a job is submitted (an empty `jobs` when the time runs out). It
-    also renews the leases of the jobs this miner runs (`renewed`), as a heartbeat does."""
+    """Take work: `{miner_id, max_jobs?, wait?, results?}`. Up to `max_jobs` (1 to 64)
+    pending jobs for this miner's models, in turn by client, each handed to this miner alone:
+    miners asking together get different jobs, never a 409. With `wait=SECONDS` (up to 60)
+    the answer comes as soon as a job is submitted (an empty `jobs` when the time runs out).
+    It also renews the leases of the jobs this miner runs (`renewed`), as a heartbeat does.
+    `results` (up to 64, as `POST /v1/jobs/complete` takes them) are recorded first, in the
+    same transaction, and are on disk before any wait begins; each one's outcome is in the
+    answer's `results`."""
     node = _node(request)
     jobs = node.jobs
     principal, claimed = await authorized(request, lambda p: (p, jobs.claim_next(p, data)))
     if claimed["jobs"] or data.wait == 0:
         return claimed
     models = jobs.served_by(data.miner_id)  # one row by key, read here on the loop
+    # The results are recorded: later tries only take work (and renew leases).
+    take = ClaimNext(miner_id=data.miner_id, max_jobs=data.max_jobs, wait=data.wait)
 
     async def claimed_now() -> dict[str, Any] | None:
         # An indexed read, here on the loop (WAL reads never wait for the writer): only when
         # a job is pending is a claim, a write, worth a trip to the writer thread.
         if not jobs.has_pending(models):
             return None
-        current = await node.store.run(lambda: jobs.claim_next(principal, data))
+        current = await node.store.run(lambda: jobs.claim_next(principal, take))
         return current if current["jobs"] else None
 
     keys = tuple(model_work_key(model) for model in models)
-    return await node.signals.waiters.until(claimed_now, keys, data.wait) or claimed
+    current = await node.signals.waiters.until(claimed_now, keys, data.wait)
+    return {**current, "results": claimed["results"]} if current else claimed
 
 
 @operation(post, "/v1/jobs/complete", *BODY, *WRITES, 404, tag="miners")

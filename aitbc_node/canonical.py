@@ -58,16 +58,39 @@ def _check(value: object, path: str) -> None:
     raise CanonicalError(f"{path}: values of type {type(value).__name__} are not allowed")
 
 
+_PLAIN_LEAVES = frozenset({str, int, bool, type(None)})
+
+
+def _plain(value: object) -> bool:
+    """Whether `value` holds only exact None, bool, int, str, list and dict with str keys:
+    the common case, checked without building the error paths `_check` keeps (a string's
+    Unicode is checked by the final encode)."""
+    kind = type(value)
+    if kind in _PLAIN_LEAVES:
+        return True
+    if isinstance(value, dict):
+        keys_plain = all(type(key) is str for key in value)
+        return kind is dict and keys_plain and all(map(_plain, value.values()))
+    if isinstance(value, list):
+        return kind is list and all(map(_plain, value))
+    return False
+
+
 def canonical_bytes(obj: object, *, root: str = "value") -> bytes:
     """Serialise `obj` canonically; raise CanonicalError (naming e.g. `receipt.amount`) if unfit.
 
     `root` is the name used for the top of the structure in error paths.
     """
-    _check(obj, root)
+    if not _plain(obj):
+        _check(obj, root)  # raises, naming where; or passes (subclasses of int and str)
     text = json.dumps(
         obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     )
-    return text.encode("utf-8")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        _check(obj, root)  # names the string that has no UTF-8 form
+        raise
 
 
 def sha256_hex(data: bytes) -> str:

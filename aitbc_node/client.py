@@ -281,11 +281,15 @@ class CoordinatorClient:
             self._default_model = model
         return self._default_model
 
-    def submit_job(self, prompt: str, model: str | None = None, **params: Any) -> dict[str, Any]:
+    def submit_job(
+        self, prompt: str, model: str | None = None, *, wait: float | None = None, **params: Any
+    ) -> dict[str, Any]:
         """Submit a job; `params` are max_tokens, temperature, top_p, seed, stop. Without a
-        model, the node's default model (/api/health's default_model)."""
+        model, the node's default model (/api/health's default_model). With `wait` (up to
+        60 seconds) the node answers once the job has ended, or with its state then."""
         body = {"prompt": prompt, "model": model or self.default_model(), "params": params}
-        return self.request("POST", "/v1/jobs", json=body)
+        timeout = None if wait is None else wait + self.client.timeout.read + 1
+        return self.request("POST", "/v1/jobs", json=body, params={"wait": wait}, timeout=timeout)
 
     def get_job(self, job_id: str, wait: float | None = None) -> dict[str, Any]:
         """A job; with `wait`, the node answers as soon as it ends (or after `wait` seconds)."""
@@ -410,14 +414,19 @@ class CoordinatorClient:
     def claim_job(self, job_id: str, miner_id: str) -> dict[str, Any]:
         return self.request("POST", f"/v1/jobs/{job_id}/claim", json={"miner_id": miner_id})
 
-    def claim_next(self, miner_id: str, max_jobs: int = 1, wait: float = 0) -> dict[str, Any]:
+    def claim_next(
+        self,
+        miner_id: str,
+        max_jobs: int = 1,
+        wait: float = 0,
+        results: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
         """Up to `max_jobs` pending jobs handed to this miner alone (`{jobs, renewed,
-        lease_seconds}`), long-polling up to `wait` seconds for one."""
+        lease_seconds, results}`), long-polling up to `wait` seconds for one; `results` (as
+        `complete_jobs` takes them) are recorded first, each with its outcome in `results`."""
+        body = {"miner_id": miner_id, "max_jobs": max_jobs, "wait": wait, "results": results or []}
         return self.request(
-            "POST",
-            "/v1/jobs/claim-next",
-            json={"miner_id": miner_id, "max_jobs": max_jobs, "wait": wait},
-            timeout=wait + self.client.timeout.read + 1,
+            "POST", "/v1/jobs/claim-next", json=body, timeout=wait + self.client.timeout.read + 1
         )
 
     def complete_jobs(self, miner_id: str, results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -526,10 +535,13 @@ class AsyncCoordinatorClient:
         return self._default_model
 
     async def submit_job(
-        self, prompt: str, model: str | None = None, **params: Any
+        self, prompt: str, model: str | None = None, *, wait: float | None = None, **params: Any
     ) -> dict[str, Any]:
         body = {"prompt": prompt, "model": model or await self.default_model(), "params": params}
-        return await self.request("POST", "/v1/jobs", json=body)
+        timeout = None if wait is None else wait + self.client.timeout.read + 1
+        return await self.request(
+            "POST", "/v1/jobs", json=body, params={"wait": wait}, timeout=timeout
+        )
 
     async def get_job(self, job_id: str, wait: float | None = None) -> dict[str, Any]:
         timeout = None if wait is None else wait + self.client.timeout.read + 1
@@ -654,14 +666,19 @@ class AsyncCoordinatorClient:
     async def claim_job(self, job_id: str, miner_id: str) -> dict[str, Any]:
         return await self.request("POST", f"/v1/jobs/{job_id}/claim", json={"miner_id": miner_id})
 
-    async def claim_next(self, miner_id: str, max_jobs: int = 1, wait: float = 0) -> dict[str, Any]:
+    async def claim_next(
+        self,
+        miner_id: str,
+        max_jobs: int = 1,
+        wait: float = 0,
+        results: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
         """Up to `max_jobs` pending jobs handed to this miner alone (`{jobs, renewed,
-        lease_seconds}`), long-polling up to `wait` seconds for one."""
+        lease_seconds, results}`), long-polling up to `wait` seconds for one; `results` (as
+        `complete_jobs` takes them) are recorded first, each with its outcome in `results`."""
+        body = {"miner_id": miner_id, "max_jobs": max_jobs, "wait": wait, "results": results or []}
         return await self.request(
-            "POST",
-            "/v1/jobs/claim-next",
-            json={"miner_id": miner_id, "max_jobs": max_jobs, "wait": wait},
-            timeout=wait + self.client.timeout.read + 1,
+            "POST", "/v1/jobs/claim-next", json=body, timeout=wait + self.client.timeout.read + 1
         )
 
     async def complete_jobs(self, miner_id: str, results: list[dict[str, Any]]) -> dict[str, Any]:

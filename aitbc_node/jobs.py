@@ -30,7 +30,7 @@ from aitbc_node.errors import (
     TooManyRequests,
 )
 from aitbc_node.keys import Principal
-from aitbc_node.ledger import Ledger, balance, client_address, format_ait
+from aitbc_node.ledger import Ledger, balance, client_address, format_ait, new_receipt_id
 from aitbc_node.metrics import Metrics
 from aitbc_node.miners import Miners
 from aitbc_node.paging import decode_cursor, page
@@ -41,6 +41,7 @@ from aitbc_node.schemas import (
     CompleteJobs,
     FailJob,
     JobParams,
+    JobResult,
     MinerRequest,
     MinerSignature,
     ProgressReport,
@@ -67,6 +68,8 @@ MAX_FAULTS = 2
 # other jobs first), looking this many jobs past the limit for ones nobody holds.
 OFFER_HOLD_SECONDS = 2.0
 OFFER_LOOKAHEAD = 32
+# How many ended jobs' views are kept for the long polls that wait on them.
+ENDED_VIEWS_KEPT = 4096
 
 
 # Pending jobs take turns by client, so one client cannot hold every slot while others wait:
@@ -166,6 +169,25 @@ def job_view(row: Row) -> dict[str, Any]:
     }
 
 
+class _ResultBatch:
+    """A miner's results on their way into the store (a batch completion, or the results a
+    claim-next brings): the outcome of each refused one by its index, the rows of the
+    finished ones, and how many webhook events they queued."""
+
+    def __init__(self, results: list[JobResult]) -> None:
+        self.results = results
+        self.outcomes: dict[int, dict[str, Any]] = {}
+        self.finished: list[tuple[int, Row]] = []
+        self.queued = 0
+
+    def refuse(self, index: int, job_id: str, error: ApiError) -> None:
+        self.outcomes[index] = {
+            "job_id": job_id,
+            "detail": error.detail,
+            "error_code": error.error_code,
+        }
+
+
 class Jobs:
     """The job rules over the store."""
 
@@ -188,6 +210,10 @@ class Jobs:
         self.rules = rules
         self.limits = limits
         self.metrics = metrics if metrics is not None else Metrics()
+        # The views of jobs lately ended, for the long polls that wait on them (each would
+        # read its row again): an ended job changes no more, so its view stays true.
+        self._ended_views: dict[str, dict[str, Any]] = {}
+        self._ended_views_lock = threading.Lock()
         # Jobs lately offered to a miner by `available`: job id -> (miner id, held until).
         self._offers: dict[str, tuple[str, float]] = {}
         self._offers_lock = threading.Lock()
@@ -506,13 +532,21 @@ class Jobs:
     def claim_next(self, principal: Principal, request: ClaimNext) -> dict[str, Any]:
         """Hand `miner_id` up to `max_jobs` pending jobs for its models, each to it alone (one
         guarded statement in one transaction: racing miners get disjoint jobs, never a 409),
-        renew the leases of the jobs it already runs and mark it seen, in one write."""
+        renew the leases of the jobs it already runs and mark it seen, in one write; the
+        results it brings are recorded first in that write (as `complete_many` records them),
+        each with its outcome in the answer's `results`."""
         miner_id = request.miner_id
         self.miners.require_acting_as(principal, miner_id)
-        with self.store.write(durable=False) as db:
+        batch = _ResultBatch(request.results)
+        # Only results need the fsync; a claim alone may be lost in a power cut (its jobs go
+        # back to the queue when their leases run out).
+        with self.store.write(durable=bool(batch.results)) as db:
             miner = self.miners.mark_seen(db, miner_id)
             if miner is None:
                 raise self.miners.not_registered(miner_id)
+            if batch.results:
+                self._check_results(batch, miner["public_key"])
+                self._record_results(db, miner_id, batch)
             renewed = self._renew(db, miner_id)
             rows = self._claim(db, miner_id, miner["capabilities"], None, request.max_jobs)
         for row in rows:
@@ -521,6 +555,7 @@ class Jobs:
             "jobs": [job_view(r) for r in rows],
             "renewed": renewed,
             "lease_seconds": self.rules.lease_seconds,
+            "results": self._results_recorded(batch),
         }
 
     def served_by(self, miner_id: str) -> list[str]:
@@ -617,45 +652,48 @@ class Jobs:
         )
         if registered is None:
             raise self.miners.not_registered(miner_id)
-        outcomes: dict[int, dict[str, Any]] = {}
-
-        def refuse(index: int, job_id: str, error: ApiError) -> None:
-            outcomes[index] = {
-                "job_id": job_id,
-                "detail": error.detail,
-                "error_code": error.error_code,
-            }
-
-        # The co-signatures first, outside the write: checking them holds no one up.
-        signed = []
-        for index, item in enumerate(request.results):
-            try:
-                check_miner_signature(registered["public_key"], item.miner_signature, item.result)
-            except ApiError as e:
-                refuse(index, item.job_id, e)
-            else:
-                signed.append((index, item))
-        finished: list[tuple[int, Row]] = []
-        queued = 0
+        batch = _ResultBatch(request.results)
+        self._check_results(batch, registered["public_key"])
         with self.store.write() as db:
             self.miners.mark_seen(db, miner_id)
-            for index, item in signed:
-                db.execute("SAVEPOINT result")
-                try:
-                    row, events = self._finish_in(db, item.job_id, miner_id, self._completion(item))
-                except ApiError as e:
-                    db.execute("ROLLBACK TO result")
-                    refuse(index, item.job_id, e)
-                else:
-                    finished.append((index, row))
-                    queued += events
-                db.execute("RELEASE result")
-        for index, row in finished:
-            self._finished(row)
-            outcomes[index] = {"job_id": row["job_id"], "job": job_view(row)}
-        if queued:
+            self._record_results(db, miner_id, batch)
+        return {"results": self._results_recorded(batch)}
+
+    @staticmethod
+    def _check_results(batch: _ResultBatch, public_key: str | None) -> None:
+        """Refuse each result of `batch` whose co-signature does not hold for `public_key`."""
+        for index, item in enumerate(batch.results):
+            try:
+                check_miner_signature(public_key, item.miner_signature, item.result)
+            except ApiError as e:
+                batch.refuse(index, item.job_id, e)
+
+    def _record_results(self, db: Connection, miner_id: str, batch: _ResultBatch) -> None:
+        """Inside a write: finish the job of each result of `batch` not yet refused, each in
+        a savepoint of its own, so a refused one (already finished, not this miner's) takes
+        back only its own changes."""
+        for index, item in enumerate(batch.results):
+            if index in batch.outcomes:
+                continue
+            db.execute("SAVEPOINT result")
+            try:
+                row, events = self._finish_in(db, item.job_id, miner_id, self._completion(item))
+            except ApiError as e:
+                db.execute("ROLLBACK TO result")
+                batch.refuse(index, item.job_id, e)
+            else:
+                batch.finished.append((index, row))
+                batch.queued += events
+            db.execute("RELEASE result")
+
+    def _results_recorded(self, batch: _ResultBatch) -> list[dict[str, Any]]:
+        """After the write of `batch`: count the finished jobs, wake what waits on them; each
+        result's outcome, in the order they came."""
+        for index, row in batch.finished:
+            batch.outcomes[index] = {"job_id": row["job_id"], "job": self._finished(row)}
+        if batch.queued:
             self.webhooks.wake()
-        return {"results": [outcomes[i] for i in range(len(request.results))]}
+        return [batch.outcomes[i] for i in range(len(batch.results))]
 
     def _check_signature(
         self, miner_id: str, signature: MinerSignature | None, result: str
@@ -735,10 +773,12 @@ class Jobs:
         """Inside a write: `finish`'s changes (`outcome` holds its keyword arguments); the
         job's row and how many webhook events it queued."""
         status = "failed" if outcome.get("error") is not None else "completed"
+        # A completion names its receipt in the same statement that ends the job.
+        receipt_id = new_receipt_id() if status == "completed" else None
         row = db.one(
             "UPDATE jobs SET status = ?, result = ?, error = ?, error_code = ?,"
             " prompt_tokens = ?, completion_tokens = ?, completed_ms = ?,"
-            " lease_expires_ms = NULL"
+            " lease_expires_ms = NULL, receipt_id = ?"
             " WHERE job_id = ? AND status = 'running' AND miner_id = ? RETURNING *",
             (
                 status,
@@ -748,6 +788,7 @@ class Jobs:
                 outcome.get("prompt_tokens"),
                 outcome.get("completion_tokens"),
                 now_ms(),
+                receipt_id,
                 job_id,
                 miner_id,
             ),
@@ -756,21 +797,41 @@ class Jobs:
             action = "complete" if status == "completed" else "fail"
             self._explain(db, job_id, miner_id, action=action)
         assert row is not None
-        if status == "completed":
-            receipt = self.ledger.issue_receipt(
+        if receipt_id is not None:
+            self.ledger.issue_receipt(
                 db,
                 row,
+                receipt_id=receipt_id,
                 model_sha256=outcome.get("model_sha256", "unreported"),
                 miner_signature=outcome.get("miner_signature"),
             )
-            row["receipt_id"] = receipt["receipt_id"]
         return row, self.webhooks.enqueue(db, row)
 
-    def _finished(self, row: Row) -> None:
-        """After the commit of a finish: count it and wake what waits on the job."""
+    def _finished(self, row: Row) -> dict[str, Any]:
+        """After a finish: count it, and once it is committed, wake what waits on the job
+        with its view at hand (`ended_view`); that view."""
         if row["status"] == "completed":
             self._count_completion(row)  # before job_changed lets its first-text time go
+        view = job_view(row)
+        self.store.after_commit(lambda: self._remember_ended(row["job_id"], view))
         self.signals.job_changed(row["job_id"], finished=True)
+        return view
+
+    def _remember_ended(self, job_id: str, view: dict[str, Any]) -> None:
+        with self._ended_views_lock:
+            self._ended_views[job_id] = view
+            if len(self._ended_views) > ENDED_VIEWS_KEPT:
+                del self._ended_views[next(iter(self._ended_views))]  # the oldest
+
+    def ended_view(self, job_id: str) -> dict[str, Any] | None:
+        """The job's view once it has ended, else None: kept from its finish when it ended
+        lately, else one row read by key."""
+        with self._ended_views_lock:
+            view = self._ended_views.get(job_id)
+        if view is not None:
+            return view
+        view = self.peek(job_id)
+        return view if view["status"] in TERMINAL else None
 
     def _count_completion(self, row: Row) -> None:
         """Add a completed job's tokens and timings to the metrics. Time to first token is

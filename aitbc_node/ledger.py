@@ -90,12 +90,12 @@ class Pricing:
 
 
 def _credit(db: Connection, address: str, kind: str, identity: str, delta: int) -> None:
+    # One statement: a new account opens with `delta`, a known one moves by it.
     db.execute(
-        "INSERT INTO accounts (address, kind, identity, balance) VALUES (?, ?, ?, 0)"
-        " ON CONFLICT (address) DO NOTHING",
-        (address, kind, identity),
+        "INSERT INTO accounts (address, kind, identity, balance) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (address) DO UPDATE SET balance = balance + excluded.balance",
+        (address, kind, identity, delta),
     )
-    db.execute("UPDATE accounts SET balance = balance + ? WHERE address = ?", (delta, address))
 
 
 def _record_transaction(db: Connection, document: dict[str, Any]) -> None:
@@ -113,6 +113,11 @@ def _record_transaction(db: Connection, document: dict[str, Any]) -> None:
             canonical_bytes(document).decode(),
         ),
     )
+
+
+def new_receipt_id() -> str:
+    """A fresh receipt id: `rcpt-` and 16 hex characters."""
+    return f"rcpt-{secrets.token_hex(8)}"
 
 
 def record_grant(db: Connection, identity: str, amount: int) -> dict[str, Any]:
@@ -159,16 +164,18 @@ class Ledger:
         db: Connection,
         job: Row,
         *,
+        receipt_id: str,
         model_sha256: str,
         miner_signature: dict[str, str] | None = None,
     ) -> dict[str, Any]:
-        """Sign the receipt of a just-completed job and record its payment (caller's write)."""
+        """Sign the receipt `receipt_id` of a just-completed job (whose row names it already)
+        and record its payment (caller's write)."""
         params = json.loads(job["params"])
         messages = json.loads(job["messages"]) if job.get("messages") else None
         units = (job["prompt_tokens"] or 0) + (job["completion_tokens"] or 0)
         unit_price = self.pricing.unit_price(job["served_model"])
         body: dict[str, Any] = {
-            "receipt_id": f"rcpt-{secrets.token_hex(8)}",
+            "receipt_id": receipt_id,
             "job_id": job["job_id"],
             "client_address": client_address(job["client"]),
             "miner_id": job["miner_id"],
@@ -196,10 +203,6 @@ class Ledger:
                 receipt["client_address"],
                 canonical_bytes(receipt).decode(),
             ),
-        )
-        db.execute(
-            "UPDATE jobs SET receipt_id = ? WHERE job_id = ?",
-            (receipt["receipt_id"], job["job_id"]),
         )
         payer, payee = receipt["client_address"], payee_address(receipt)
         _record_transaction(

@@ -125,6 +125,8 @@ class Metrics:
             ["method", "route", "status"],
             registry=r,
         )
+        # A response's counter by its labels (`labels()` is slow to call on every request).
+        self._http_counters: dict[tuple[str, str, int], Counter] = {}
         for outcome in ("requeued", "failed"):
             self._leases_expired.labels(outcome)
         for final in ("false", "true"):
@@ -178,8 +180,14 @@ class Metrics:
 
     def http_response(self, method: str, route: str | None, status: int) -> None:
         """Count a response; `route` is the matched route's template (None: no route matched)."""
-        method = method.upper() if method.upper() in METHODS else "OTHER"
-        self._http_requests.labels(method, route or UNMATCHED_ROUTE, str(status)).inc()
+        method = method if method in METHODS else method.upper()
+        labels = (method if method in METHODS else "OTHER", route or UNMATCHED_ROUTE, status)
+        counter = self._http_counters.get(labels)
+        if counter is None:
+            counter = self._http_requests.labels(labels[0], labels[1], str(status))
+            # Bounded as the labels are: methods, route templates and statuses.
+            self._http_counters[labels] = counter
+        counter.inc()
 
     def render(self) -> bytes:
         """Every metric, in the text exposition format (`CONTENT_TYPE`)."""

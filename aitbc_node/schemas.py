@@ -211,20 +211,31 @@ class CompleteJob(ReportedResult, forbid_unknown_fields=True, kw_only=True):
     miner_id: Name
 
 
-class ClaimNext(Struct, forbid_unknown_fields=True, kw_only=True):
-    """`POST /v1/jobs/claim-next`: up to `max_jobs` pending jobs for this miner's models, each
-    handed to this miner alone; with `wait`, the answer comes as soon as one is submitted.
-    Also renews the leases of the jobs this miner runs (as a heartbeat does)."""
-
-    miner_id: Name
-    max_jobs: Annotated[int, Meta(ge=1, le=MAX_BATCH)] = 1
-    wait: Annotated[float, Meta(ge=0, le=MAX_WAIT_SECONDS)] = 0
-
-
 class JobResult(ReportedResult, forbid_unknown_fields=True, kw_only=True):
     """One result in a batch completion: a `CompleteJob` body with the job's id."""
 
     job_id: Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)]
+
+
+class ClaimNext(Struct, forbid_unknown_fields=True, kw_only=True):
+    """`POST /v1/jobs/claim-next`: up to `max_jobs` pending jobs for this miner's models, each
+    handed to this miner alone; with `wait`, the answer comes as soon as one is submitted.
+    Also renews the leases of the jobs this miner runs (as a heartbeat does), and first
+    records the `results` it brings, so a busy miner hands in its work and takes more in one
+    request."""
+
+    miner_id: Name
+    max_jobs: Annotated[int, Meta(ge=1, le=MAX_BATCH)] = 1
+    wait: Annotated[float, Meta(ge=0, le=MAX_WAIT_SECONDS)] = 0
+    results: Annotated[
+        list[JobResult],
+        Meta(
+            max_length=MAX_BATCH,
+            description="Results of jobs this miner ran, recorded (and on disk) before any"
+            " wait begins, as `POST /v1/jobs/complete` records them; each one's outcome comes"
+            " back in the answer's `results`, in this order.",
+        ),
+    ] = []
 
 
 class CompleteJobs(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -387,15 +398,6 @@ class Heartbeat(Struct):
     lease_seconds: float
 
 
-class ClaimedJobs(Struct):
-    """The jobs a claim-next handed this miner (none when the wait ran out), and the jobs it
-    already ran whose leases were renewed."""
-
-    jobs: list[Job]
-    renewed: list[str]
-    lease_seconds: float
-
-
 class ResultOutcome(Struct, omit_defaults=True):
     """One result of a batch completion: the job as it now stands, or why it was refused
     (the error shape's `detail` and `error_code`); the other results stand either way."""
@@ -404,6 +406,16 @@ class ResultOutcome(Struct, omit_defaults=True):
     job: Job | None = None
     detail: str | None = None
     error_code: str | None = None
+
+
+class ClaimedJobs(Struct):
+    """The jobs a claim-next handed this miner (none when the wait ran out), the jobs it
+    already ran whose leases were renewed, and the outcome of each result it brought."""
+
+    jobs: list[Job]
+    renewed: list[str]
+    lease_seconds: float
+    results: list[ResultOutcome]
 
 
 class CompletedJobs(Struct):

@@ -249,3 +249,94 @@ def test_available_offers_polling_miners_different_jobs(coordinator: NodeProcess
             "POST", f"/v1/jobs/{offers[name][0]}/claim", key, json={"miner_id": name}
         )
         assert r.status_code == 200, r.text
+
+
+def test_claim_next_records_the_results_it_carries_before_it_waits(start_node: Any) -> None:
+    """A busy miner hands in its results with its next claim-next: they are recorded (and
+    seen by clients) before the long poll waits, each with its own outcome in the answer."""
+    node = start_node("--no-miner", "--rate", "miner=0")
+    signer = NodeKey.generate()
+    key = register_signing_miner(node, "carrier", signer)
+    jobs = [node.submit(f"carry {i}")["job_id"] for i in range(2)]
+    held = [j["job_id"] for j in claim_next(node, key, "carrier", max_jobs=2).json()["jobs"]]
+    assert sorted(held) == sorted(jobs)
+    # a body that is wrong anywhere is refused whole, before anything is recorded
+    bad = claim_next(node, key, "carrier", results=[{"job_id": held[0]}])
+    assert_error(bad, 400, "INVALID_BODY")
+    too_many = [signed(signer, held[0], "x")] * 65
+    assert_error(claim_next(node, key, "carrier", results=too_many), 400, "INVALID_BODY")
+    assert [node.job(j)["status"] for j in held] == ["running", "running"]
+
+    forged = signed(signer, held[1], "an honest answer")
+    forged["result"] = "another answer"
+    answers: list[httpx.Response] = []
+    carried = [signed(signer, held[0], "first answer"), forged]
+    waiter = threading.Thread(
+        target=lambda: answers.append(
+            claim_next(node, key, "carrier", max_jobs=1, wait=60, results=carried)
+        )
+    )
+    waiter.start()
+    done = node.wait_for(held[0], ("completed",), timeout=60)
+    assert waiter.is_alive(), "the miner still waits for work while its result is recorded"
+    assert done["result"] == "first answer" and done["receipt_id"]
+    assert node.job(held[1])["status"] == "running", "the forged one changed nothing"
+    new = node.submit("more work")["job_id"]
+    waiter.join(timeout=120)
+    assert not waiter.is_alive()
+    assert answers[0].status_code == 200, answers[0].text
+    answer = answers[0].json()
+    assert [j["job_id"] for j in answer["jobs"]] == [new]
+    assert held[1] in answer["renewed"]
+    outcomes = answer["results"]
+    assert [o["job_id"] for o in outcomes] == held
+    assert outcomes[0]["job"]["status"] == "completed"
+    assert outcomes[0]["job"]["receipt_id"] == done["receipt_id"]
+    assert outcomes[1]["error_code"] == "INVALID_MINER_SIGNATURE" and "job" not in outcomes[1]
+    receipt = node.request("GET", f"/v1/receipts/{done['receipt_id']}").json()
+    node_key = node.request("GET", "/health").json()["node"]["public_key"]
+    verdict = verify_receipt(receipt, node_key, expected_miner_public_key_hex=signer.public_key_hex)
+    assert verdict.valid, verdict.reasons
+    # without results the answer says so; a result handed in twice is refused the second time
+    plain = claim_next(node, key, "carrier").json()
+    assert plain["results"] == [] and plain["jobs"] == []
+    again = claim_next(node, key, "carrier", results=[signed(signer, held[0], "first answer")])
+    assert again.json()["results"][0]["error_code"] == "JOB_ALREADY_FINISHED"
+
+
+def test_submit_with_wait_answers_when_the_job_ends(start_node: Any) -> None:
+    node = start_node("--no-miner", "--rate", "client=0")
+    key = node.register_miner("finisher")
+    body = {"prompt": "wait for me", "model": SMOL}
+    answers: list[httpx.Response] = []
+    client = threading.Thread(
+        target=lambda: answers.append(
+            node.request("POST", "/v1/jobs", node.client_key, json=body, params={"wait": 60})
+        )
+    )
+    client.start()
+    taken = claim_next(node, key, "finisher", wait=60).json()["jobs"]
+    assert len(taken) == 1 and taken[0]["prompt"] == "wait for me"
+    time.sleep(0.5)
+    assert client.is_alive(), "the submit waits while the job runs"
+    done = node.request(
+        "POST",
+        f"/v1/jobs/{taken[0]['job_id']}/complete",
+        key,
+        json={"miner_id": "finisher", "result": "here you are"},
+    )
+    assert done.status_code == 200, done.text
+    client.join(timeout=120)
+    assert not client.is_alive()
+    assert answers[0].status_code == 201, answers[0].text
+    job = answers[0].json()
+    assert job["job_id"] == taken[0]["job_id"]
+    assert job["status"] == "completed" and job["result"] == "here you are" and job["receipt_id"]
+    # a wait that runs out answers the job as it stands; a bad wait creates nothing
+    r = node.request("POST", "/v1/jobs", node.client_key, json=body, params={"wait": 0.5})
+    assert r.status_code == 201 and r.json()["status"] == "pending"
+    before = node.request("GET", "/v1/stats").json()["jobs"]
+    for wait in ("-1", "61", "soon"):
+        bad = node.request("POST", "/v1/jobs", node.client_key, json=body, params={"wait": wait})
+        assert_error(bad, 400, "INVALID_WAIT")
+    assert node.request("GET", "/v1/stats").json()["jobs"] == before

@@ -116,6 +116,19 @@ def test_lone_surrogate_rejected() -> None:
         canonical_bytes({"s": "\ud800"})
 
 
+def test_the_checks_name_where_the_unfit_value_is_past_the_fast_path() -> None:
+    """Plain values skip the path-building checks; whatever is not plain still gets them."""
+    with pytest.raises(CanonicalError, match=r"^receipt\.model\.name: string is not valid"):
+        canonical_bytes({"model": {"name": "\udfff"}}, root="receipt")
+    with pytest.raises(CanonicalError, match=r"^value\.pair: values of type tuple"):
+        canonical_bytes({"pair": (1, 2)})  # json.dumps alone would write a list
+
+    class Count(int):
+        pass
+
+    assert canonical_bytes({"n": Count(3), "s": [True]}) == b'{"n":3,"s":[true]}'
+
+
 def _shuffled(value: Any, data: st.DataObject) -> Any:
     """The same JSON value with every dict's keys in a random order."""
     if isinstance(value, dict):

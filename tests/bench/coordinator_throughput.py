@@ -1,7 +1,7 @@
 """Benchmark: the coordinator at wire speed, against a bare Litestar POST handler.
 
     .venv/bin/python tests/bench/coordinator_throughput.py [--runs 3] [--miners 1,4,16]
-        [--clients 32] [--seconds 10] [--warmup 2] [--slots 4] [--protocol next|tutorial]
+        [--clients 32] [--seconds 10] [--warmup 2] [--slots 4] [--protocol next|split|tutorial]
         [--pick oldest|random] [--baseline-http httptools|h11]
         [--node-arg=--durability=normal ...] [--out results.json]
     .venv/bin/python tests/bench/coordinator_throughput.py --growth 1000,10000,100000
@@ -13,17 +13,20 @@ with every rate limit off, on a copy of one prepared data directory (miner keys 
 `aitbc-node keys create --role miner`), a fresh copy for every measurement. This one process
 then drives it over HTTP:
 
-- N synthetic remote miners (--miners, 1, 4 and 16) speaking the node's own protocol as
-  `aitbc-node miner` does (aitbc_node/remote_miner.py): register with the embedded model's
-  name and an Ed25519 public key, then loop: `POST /v1/jobs/claim-next` for up to --slots
-  jobs (long-polled, `wait` 30), then complete them all in one `POST /v1/jobs/complete`, each
-  with a fixed short result, its usage and the miner's co-signature over the result's
-  SHA-256. No model runs. `--protocol tutorial` has them take work the tutorial's way instead:
-  `GET /v1/jobs/available?wait=30&limit=10`, claim (`POST /v1/jobs/{id}/claim`, a 409 is a
-  lost race and is counted) up to --slots jobs of the offer, in the offer's order (`--pick
-  random`: shuffled), then `POST /v1/jobs/{id}/complete` each.
-- --clients (32) clients, each in a loop: submit a tiny job (`POST /v1/jobs`, max_tokens 4) and
-  long-poll it (`GET /v1/jobs/{id}?wait=30`) until it is completed.
+- N synthetic remote miners (--miners, 1, 4 and 16) speaking the node's own protocol:
+  register with the embedded model's name and an Ed25519 public key, then loop: `POST
+  /v1/jobs/claim-next` for up to --slots jobs (long-polled, `wait` 30), carrying the results
+  of the jobs the previous one handed out (each with a fixed short result, its usage and the
+  miner's co-signature over the result's SHA-256), so a busy miner spends one request a round.
+  No model runs. `--protocol split` has them hand in the results in a `POST /v1/jobs/complete`
+  of their own (as `aitbc-node miner` does, one generation finishing at a time); `--protocol
+  tutorial` has them take work the tutorial's way: `GET /v1/jobs/available?wait=30&limit=10`,
+  claim (`POST /v1/jobs/{id}/claim`, a 409 is a lost race and is counted) up to --slots jobs
+  of the offer, in the offer's order (`--pick random`: shuffled), then `POST
+  /v1/jobs/{id}/complete` each.
+- --clients (32) clients, each in a loop: submit a tiny job (max_tokens 4) and wait until it
+  is completed: `POST /v1/jobs?wait=30` (--protocol next), or `POST /v1/jobs` then long polls
+  of `GET /v1/jobs/{id}?wait=30` (split, tutorial).
 
 After --warmup seconds, a window of --seconds is measured: full jobs/s (jobs whose long poll
 answered `completed` with a `receipt_id` inside the window), p50 and p99 of submit → completed
@@ -333,7 +336,10 @@ class Miner:
     name: str
     api_key: str
     key: NodeKey = field(default_factory=NodeKey.generate)
-    polling: bool = False  # parked in its `available` long poll (safe to cancel there)
+    polling: bool = False  # parked in its long poll for work (safe to cancel there)
+    # The results the long poll it is parked in carries (--protocol next): the node records
+    # them before it waits, so a miner cancelled there is credited with them.
+    carried: list[str] = field(default_factory=list)
 
     def completion(self) -> dict[str, Any]:
         """The body of every completion (the result is fixed, so is its signature)."""
@@ -365,11 +371,12 @@ async def register(http: Http, miner: Miner) -> None:
 
 async def ask_for_work(
     http: Http, miner: Miner, tally: Tally, method: str, path: str, query: dict[str, Any]
-) -> list[str] | None:
-    """One long poll for work (`available` offers or `claim-next` jobs): the job ids it
-    answered, or None after an error (counted, and a short pause)."""
+) -> dict[str, Any] | None:
+    """One long poll for work (`available` offers or `claim-next` jobs): its answer, or None
+    after an error (counted, and a short pause)."""
     what = f"{method} {path.rsplit('/', 1)[-1]}"
     miner.polling = True
+    miner.carried = [result["job_id"] for result in query.get("results", ())]
     try:
         status, data = await http.request(
             method,
@@ -388,7 +395,16 @@ async def ask_for_work(
         tally.error(what, status, data)
         await asyncio.sleep(0.1)
         return None
-    return [job["job_id"] for job in json.loads(data)["jobs"]]
+    return json.loads(data)
+
+
+def count_outcomes(tally: Tally, miner: Miner, outcomes: list[dict[str, Any]]) -> None:
+    """Note the completions a batch's answer says were accepted (the others are errors)."""
+    for outcome in outcomes:
+        if "job" in outcome:
+            tally.completions[outcome["job_id"]].append(miner.name)
+        else:
+            tally.error("completion refused: " + outcome["error_code"])
 
 
 async def mine(
@@ -399,9 +415,10 @@ async def mine(
     claim = {"miner_id": miner.name}
     poll = {"miner_id": miner.name, "wait": MINER_WAIT, "limit": OFFER_LIMIT}
     while not stop.is_set():
-        offered = await ask_for_work(http, miner, tally, "GET", "/api/v1/jobs/available", poll)
-        if offered is None:
+        answer = await ask_for_work(http, miner, tally, "GET", "/api/v1/jobs/available", poll)
+        if answer is None:
             continue
+        offered = [job["job_id"] for job in answer["jobs"]]
         if args.pick == "random":
             random.shuffle(offered)
         claimed = []
@@ -437,18 +454,25 @@ async def mine_next(
     http: Http, miner: Miner, tally: Tally, stop: asyncio.Event, args: argparse.Namespace
 ) -> None:
     """The miner loop on the node's own way: `claim-next` up to --slots jobs (long-polled),
-    then complete them all in one `POST /v1/jobs/complete`."""
+    then complete them. --protocol next: the results go with the next claim-next (one
+    request a round); --protocol split: in a `POST /v1/jobs/complete` of their own."""
     completion = miner.completion()
     del completion["miner_id"]
     take = {"miner_id": miner.name, "max_jobs": args.slots, "wait": MINER_WAIT}
-    while not stop.is_set():
-        claimed = await ask_for_work(http, miner, tally, "POST", "/api/v1/jobs/claim-next", take)
-        if not claimed:
+    results: list[dict[str, Any]] = []
+    while not stop.is_set() or results:
+        # Stopping, the last results go without a wait: nothing is left to take.
+        ask = {**take, "results": results, "wait": 0 if stop.is_set() else MINER_WAIT}
+        answer = await ask_for_work(http, miner, tally, "POST", "/api/v1/jobs/claim-next", ask)
+        results = []
+        if answer is None:
             continue
-        batch = {
-            "miner_id": miner.name,
-            "results": [{"job_id": job_id, **completion} for job_id in claimed],
-        }
+        count_outcomes(tally, miner, answer["results"])
+        results = [{"job_id": job["job_id"], **completion} for job in answer["jobs"]]
+        if args.protocol == "next" or not results:
+            continue
+        batch = {"miner_id": miner.name, "results": results}
+        results = []
         try:
             status, data = await http.request("POST", "/api/v1/jobs/complete", batch)
         except TRANSPORT_ERRORS:
@@ -457,11 +481,7 @@ async def mine_next(
         if status != 200:
             tally.error("POST complete", status, data)
             continue
-        for outcome in json.loads(data)["results"]:
-            if "job" in outcome:
-                tally.completions[outcome["job_id"]].append(miner.name)
-            else:
-                tally.error("POST complete: " + outcome["error_code"])
+        count_outcomes(tally, miner, json.loads(data)["results"])
 
 
 class Quota:
@@ -480,14 +500,19 @@ class Quota:
 
 
 async def submit_and_wait(
-    http: Http, n: int, tally: Tally, stop: asyncio.Event, quota: Quota
+    http: Http, n: int, tally: Tally, stop: asyncio.Event, quota: Quota, wait_in_submit: bool
 ) -> None:
-    """A client: submit a tiny job, long-poll it until it ends, again, until stopped."""
+    """A client: submit a tiny job, long-poll it until it ends, again, until stopped. With
+    `wait_in_submit` the submit itself waits (`POST /v1/jobs?wait=`), so a job that ends in
+    time takes one request."""
+    submit = {"wait": JOB_WAIT} if wait_in_submit else None
     while not stop.is_set() and quota.take():
         started = time.perf_counter()
         body = {"prompt": f"ping {n}", "model": SMOL, "params": JOB_PARAMS}
         try:
-            status, data = await http.request("POST", "/api/v1/jobs", body)
+            status, data = await http.request(
+                "POST", "/api/v1/jobs", body, params=submit, timeout=JOB_WAIT + 60
+            )
         except TRANSPORT_ERRORS:
             tally.error("POST jobs")
             await asyncio.sleep(0.1)
@@ -555,14 +580,19 @@ async def measure_window(pid: int, tally: Tally, warmup: float, seconds: float) 
     }
 
 
-async def stop_miners(tasks: list[asyncio.Task], miners: list[Miner], stop: asyncio.Event) -> None:
-    """Stop the miners: those parked in a long poll are cancelled there; the others finish
-    the claims and completions in hand first (cancelling those could lose a completion the
-    node accepted from the count)."""
+async def stop_miners(
+    tasks: list[asyncio.Task], miners: list[Miner], tally: Tally, stop: asyncio.Event
+) -> None:
+    """Stop the miners: those parked in a long poll are cancelled there (credited with the
+    results it carries, which the node recorded before it waited); the others finish the
+    claims and completions in hand first (cancelling those could lose a completion the node
+    accepted from the count)."""
     stop.set()
     for task, miner in zip(tasks, miners, strict=True):
         if miner.polling:
             task.cancel()
+            for job_id in miner.carried:
+                tally.completions[job_id].append(miner.name)
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
@@ -621,7 +651,11 @@ async def lifecycle_load(
             http = connect(args, port, client_key)
             connections.append(http)
             client_tasks.append(
-                asyncio.create_task(submit_and_wait(http, n, tally, stop_clients, quota))
+                asyncio.create_task(
+                    submit_and_wait(
+                        http, n, tally, stop_clients, quota, wait_in_submit=args.protocol == "next"
+                    )
+                )
             )
         cpu: dict[str, float] = {}
         if jobs is None:
@@ -637,7 +671,7 @@ async def lifecycle_load(
             for task in client_tasks:
                 task.cancel()
             await asyncio.gather(*client_tasks, return_exceptions=True)
-        await stop_miners(miner_tasks, miners, stop_miners_event)
+        await stop_miners(miner_tasks, miners, tally, stop_miners_event)
         return tally, cpu
     finally:
         for http in connections:
@@ -820,14 +854,17 @@ def spread(runs: list[dict[str, Any]], key: str, fmt: Callable[[float | None], s
 
 
 def throughput_table(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> str:
-    protocol = (
-        f"available + claim up to {args.slots} of each offer ({args.pick}) + complete each"
-        if args.protocol == "tutorial"
-        else f"claim-next up to {args.slots} + one batch completion"
-    )
+    protocol = {
+        "tutorial": f"available + claim up to {args.slots} of each offer ({args.pick}) +"
+        " complete each; clients submit, then long-poll the job",
+        "split": f"claim-next up to {args.slots} + one batch completion; clients submit, then"
+        " long-poll the job",
+        "next": f"claim-next up to {args.slots}, its results carried by the next claim-next;"
+        " clients submit with wait",
+    }[args.protocol]
     lines = [
-        f"Full job lifecycle (submit, miners taking work by {protocol}, with co-signatures,"
-        f" long poll to completed with receipt), {args.clients} clients, {args.seconds:g} s"
+        f"Full job lifecycle (miners taking work by {protocol}; with co-signatures, to"
+        f" completed with receipt), {args.clients} clients, {args.seconds:g} s"
         f" windows after {args.warmup:g} s warm-up, {args.client} load generator"
         + (f", node {' '.join(args.node_arg)}" if args.node_arg else "")
         + f"; median of {args.runs} interleaved runs (range):",
@@ -1143,10 +1180,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--protocol",
-        choices=["next", "tutorial"],
+        choices=["next", "split", "tutorial"],
         default="next",
-        help="miners take work with claim-next and complete in batches (next), or with"
-        " available + claim + complete per job, as the tutorial's miners do (tutorial)",
+        help="miners take work with claim-next and hand in their results with their next"
+        " claim-next, clients submit with wait (next: about one request a job on each side);"
+        " miners complete in a batch request of its own, clients submit then long-poll the"
+        " job (split); or miners use available + claim + complete per job, as the tutorial's"
+        " do (tutorial)",
     )
     parser.add_argument(
         "--pick",
