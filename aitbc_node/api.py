@@ -90,7 +90,7 @@ from aitbc_node.schemas import (
     request_schemas,
 )
 from aitbc_node.schemas import Address as AddressView
-from aitbc_node.signals import WORK, job_key, model_work_key, progress_key
+from aitbc_node.signals import WORK, ended_key, job_key, model_work_key, progress_key
 from aitbc_node.signing import key_id_for
 from aitbc_node.timeseries import timeseries
 
@@ -380,13 +380,30 @@ async def submit_job(
     The job is stored before any wait begins."""
     node = _node(request)
     jobs = node.jobs
-    job, created = await authorized(request, lambda p: jobs.submit(p, data, idempotency_key))
-    if wait and job["status"] not in TERMINAL:
-        job_id = job["job_id"]
-        ended = await node.signals.waiters.until(
-            lambda: ended_job(node, job_id), (job_key(job_id),), wait
-        )
-        job = ended or jobs.peek(job_id)  # one row by key, on the loop
+    if not wait:
+        job, created = await authorized(request, lambda p: jobs.submit(p, data, idempotency_key))
+        return Response(job, status_code=HTTP_201_CREATED if created else HTTP_200_OK)
+    waiters = node.signals.waiters
+    ends = asyncio.get_running_loop().create_future()
+    watched: list[str] = []
+
+    def submit_watched(principal: Principal) -> tuple[dict[str, Any], bool]:
+        job, created = jobs.submit(principal, data, idempotency_key)
+        # Added before the submit's commit: the job's end cannot be announced before it.
+        watched.append(ended_key(job["job_id"]))
+        waiters.add(ends, *watched)
+        return job, created
+
+    try:
+        job, created = await authorized(request, submit_watched)
+        if job["status"] not in TERMINAL:
+            job_id = job["job_id"]
+            ended = await waiters.until(
+                lambda: ended_job(node, job_id), (ended_key(job_id),), wait, added=ends
+            )
+            job = ended or jobs.peek(job_id)  # one row by key, on the loop
+    finally:
+        waiters.unregister(ends, *watched)
     return Response(job, status_code=HTTP_201_CREATED if created else HTTP_200_OK)
 
 
@@ -446,7 +463,7 @@ async def get_job(request: Request, job_id: JobId, wait: Wait = 0) -> Job:
         return job
 
     done = await node.signals.waiters.until(
-        lambda: ended_job(node, job_id), (job_key(job_id),), wait
+        lambda: ended_job(node, job_id), (ended_key(job_id),), wait
     )
     return done or node.jobs.peek(job_id)  # one row by key, on the loop
 

@@ -41,7 +41,7 @@ from aitbc_node.openai_schemas import (
     unsupported_parameters,
 )
 from aitbc_node.schemas import ChatMessage, SubmitJob
-from aitbc_node.signals import job_key
+from aitbc_node.signals import ended_key
 
 if TYPE_CHECKING:
     from aitbc_node.node import Node
@@ -359,7 +359,7 @@ async def until_ended(
         while True:
             wait = asyncio.ensure_future(
                 node.signals.waiters.until(
-                    lambda: api.ended_job(node, job_id), (job_key(job_id),), WAIT_SLICE_SECONDS
+                    lambda: api.ended_job(node, job_id), (ended_key(job_id),), WAIT_SLICE_SECONDS
                 )
             )
             await asyncio.wait({wait, gone}, return_when=asyncio.FIRST_COMPLETED)

@@ -3,7 +3,8 @@
 - The built-in miner (a thread) waits on a condition for new work.
 - A running generation watches an event that a cancel sets.
 - Long-polling requests and event streams (asyncio tasks) wait on futures that any thread can
-  resolve by key: `job:<id>` when a job changes state, `progress:<id>` when it has new text,
+  resolve by key: `job:<id>` when a job changes state, `ended:<id>` when it ends (what a
+  wait for the result needs: a claim wakes nobody there), `progress:<id>` when it has new text,
   `work` when a job becomes pending (every `available` poll wakes), `work:<model>` when a job
   for that model does (one claim-next waiter wakes per job).
 - The text a job has generated so far is kept here, in memory, while the job runs, so a
@@ -31,6 +32,11 @@ MAX_TIMED_JOBS = 10_000
 
 def job_key(job_id: str) -> str:
     return f"job:{job_id}"
+
+
+def ended_key(job_id: str) -> str:
+    """The key notified when a job ends (`job_key` is notified on every change)."""
+    return f"ended:{job_id}"
 
 
 def progress_key(job_id: str) -> str:
@@ -63,13 +69,19 @@ class Waiters:
     def register(self, *keys: str) -> asyncio.Future[None]:
         """A future resolved by the next `notify` of any of `keys` (call in the event loop)."""
         future = asyncio.get_running_loop().create_future()
-        with self._lock:
-            if self.closed:
-                future.set_result(None)
-                return future
-            for key in keys:
-                self._waiting.setdefault(key, set()).add(future)
+        self.add(future, *keys)
         return future
+
+    def add(self, future: asyncio.Future[None], *keys: str) -> None:
+        """Have `future` (made in its event loop) resolved by the next `notify` of any of
+        `keys`. From any thread: a write can add it for what it creates before its commit,
+        so no wake-up for that can come first."""
+        with self._lock:
+            if not self.closed:
+                for key in keys:
+                    self._waiting.setdefault(key, set()).add(future)
+                return
+        self._wake([future])
 
     def close(self) -> None:
         """Wake every waiter for good (the node is shutting down): long polls answer now,
@@ -129,16 +141,22 @@ class Waiters:
         check: Callable[[], Awaitable[T | None]],
         keys: tuple[str, ...],
         timeout: float,
+        *,
+        added: asyncio.Future[None] | None = None,
     ) -> T | None:
         """Await `check()` until it returns something, waking only when `keys` are notified;
         None once `timeout` seconds pass. Registering before each check means no wake-up is
-        lost between a check and the wait."""
+        lost between a check and the wait. `added`: a future already added for `keys` before
+        anything they announce could happen, so the first check is not needed."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        future = added
         while True:
-            future = self.register(*keys)
+            checking = future is None
+            if future is None:
+                future = self.register(*keys)
             try:
-                result = await check()
+                result = await check() if checking else None
                 if result is not None:
                     return result
                 remaining = deadline - loop.time()
@@ -150,6 +168,7 @@ class Waiters:
                     return None
             finally:
                 self.unregister(future, *keys)
+            future = None
 
 
 def _at_once(action: Callable[[], None]) -> None:
@@ -212,6 +231,7 @@ class Signals:
             with self._text_lock:
                 self._text.pop(job_id, None)
                 self._first_text_ms.pop(job_id, None)
+            self.waiters.notify(ended_key(job_id))
         self.waiters.notify(job_key(job_id))
 
     def watch_cancel(self, job_id: str) -> threading.Event:
