@@ -591,13 +591,18 @@ async def claim_next(request: Request, data: ClaimNext) -> ClaimedJobs:
     # The results are recorded: later tries only take work (and renew leases).
     take = ClaimNext(miner_id=data.miner_id, max_jobs=data.max_jobs, wait=data.wait)
 
+    def claim_if_pending() -> dict[str, Any] | None:
+        # Read again on the writer thread, which sees its own group's claims: of the miners
+        # woken together, those that come after the jobs were taken write nothing.
+        return jobs.claim_next(principal, take) if jobs.has_pending(models) else None
+
     async def claimed_now() -> dict[str, Any] | None:
         # An indexed read, here on the loop (WAL reads never wait for the writer): only when
         # a job is pending is a claim, a write, worth a trip to the writer thread.
         if not jobs.has_pending(models):
             return None
-        current = await node.store.run(lambda: jobs.claim_next(principal, take))
-        return current if current["jobs"] else None
+        current = await node.store.run(claim_if_pending)
+        return current if current and current["jobs"] else None
 
     keys = tuple(model_work_key(model) for model in models)
     current = await node.signals.waiters.until(claimed_now, keys, data.wait)

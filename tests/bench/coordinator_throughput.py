@@ -133,7 +133,9 @@ def percentile(values: list[float], p: float) -> float:
 
 
 class Http(Protocol):
-    """One client's connection: `request` returns (status, body bytes)."""
+    """One client's connection: `request` returns (status, body bytes); `sent` counts them."""
+
+    sent: int
 
     async def request(
         self,
@@ -163,6 +165,7 @@ class RawHttp:
         )
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.sent = 0
 
     async def request(
         self,
@@ -172,6 +175,7 @@ class RawHttp:
         params: dict[str, Any] | None = None,
         timeout: float = 120,
     ) -> tuple[int, bytes]:
+        self.sent += 1
         if params:
             path += "?" + urlencode(params)
         payload = b"" if body is None else json.dumps(body).encode()
@@ -229,6 +233,7 @@ class HttpxHttp:
 
     def __init__(self, port: int, headers: dict[str, str]) -> None:
         self.client = httpx.AsyncClient(base_url=f"http://{HOST}:{port}", headers=headers)
+        self.sent = 0
 
     async def request(
         self,
@@ -238,6 +243,7 @@ class HttpxHttp:
         params: dict[str, Any] | None = None,
         timeout: float = 120,
     ) -> tuple[int, bytes]:
+        self.sent += 1
         r = await self.client.request(method, path, json=body, params=params, timeout=timeout)
         return r.status_code, r.content
 
@@ -564,19 +570,26 @@ async def post_loop(http: Http, tally: Tally, stop: asyncio.Event) -> None:
             tally.error("POST bench", status, data)
 
 
-async def measure_window(pid: int, tally: Tally, warmup: float, seconds: float) -> dict[str, float]:
+async def measure_window(
+    pid: int, tally: Tally, warmup: float, seconds: float, connections: list[Http]
+) -> dict[str, float]:
     """Sleep through the warm-up, then open the window for `seconds`, reading the server's
-    and this process's CPU time at both ends."""
+    and this process's CPU time, and the requests `connections` sent, at both ends."""
+
+    def sent() -> int:
+        return sum(http.sent for http in connections)
+
     await asyncio.sleep(warmup)
-    server0, own0 = cpu_seconds(pid), time.process_time()
+    server0, own0, sent0 = cpu_seconds(pid), time.process_time(), sent()
     tally.window.start = time.perf_counter()
     await asyncio.sleep(seconds)
     tally.window.end = time.perf_counter()
-    server1, own1 = cpu_seconds(pid), time.process_time()
+    server1, own1, sent1 = cpu_seconds(pid), time.process_time(), sent()
     return {
         "wall_s": tally.window.end - tally.window.start,
         "server_cpu_s": server1 - server0,
         "loadgen_cpu_s": own1 - own0,
+        "requests": sent1 - sent0,
     }
 
 
@@ -659,7 +672,7 @@ async def lifecycle_load(
             )
         cpu: dict[str, float] = {}
         if jobs is None:
-            cpu = await measure_window(pid, tally, args.warmup, args.seconds)
+            cpu = await measure_window(pid, tally, args.warmup, args.seconds, connections)
             stop_clients.set()
         else:
             tally.window = Window(0.0, float("inf"))
@@ -683,7 +696,7 @@ async def post_load(port: int, pid: int, args: argparse.Namespace) -> tuple[Tall
     connections = [connect(args, port) for _ in range(args.clients)]
     try:
         tasks = [asyncio.create_task(post_loop(http, tally, stop)) for http in connections]
-        cpu = await measure_window(pid, tally, args.warmup, args.seconds)
+        cpu = await measure_window(pid, tally, args.warmup, args.seconds, connections)
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         return tally, cpu
@@ -702,6 +715,8 @@ def summarize(tally: Tally, cpu: dict[str, float]) -> dict[str, Any]:
         "p50_ms": statistics.median(ms) if ms else None,
         "p99_ms": percentile(ms, 99) if ms else None,
         "server_cpu_ms_per_item": cpu["server_cpu_s"] * 1000 / n if n else None,
+        # requests sent in the window (answered or not) per item completed in it
+        "requests_per_item": cpu["requests"] / n if n else None,
         "server_cpu_share": cpu["server_cpu_s"] / cpu["wall_s"],
         "loadgen_cpu_share": cpu["loadgen_cpu_s"] / cpu["wall_s"],
         "claims_409": tally.conflicts,
@@ -853,6 +868,10 @@ def spread(runs: list[dict[str, Any]], key: str, fmt: Callable[[float | None], s
     return f"{median} ({fmt(min(values))} to {fmt(max(values))})"
 
 
+def fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def throughput_table(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> str:
     protocol = {
         "tutorial": f"available + claim up to {args.slots} of each offer ({args.pick}) +"
@@ -870,8 +889,8 @@ def throughput_table(results: dict[str, list[dict[str, Any]]], args: argparse.Na
         + f"; median of {args.runs} interleaved runs (range):",
         "",
         "| miners | full jobs/s | p50 submit→completed | p99 | server CPU per job |"
-        " claims 409 | lost/doubled |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        " requests a job | claims 409 | lost/doubled |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for config, runs in results.items():
         if config == "baseline":
@@ -882,6 +901,7 @@ def throughput_table(results: dict[str, list[dict[str, Any]]], args: argparse.Na
             f"| {config} | {spread(runs, 'per_second', fmt_rate)} |"
             f" {spread(runs, 'p50_ms', fmt_ms)} | {spread(runs, 'p99_ms', fmt_ms)} |"
             f" {spread(runs, 'server_cpu_ms_per_item', fmt_ms)} |"
+            f" {spread(runs, 'requests_per_item', fmt_ratio)} |"
             f" {spread(runs, 'claims_409', lambda v: '-' if v is None else f'{v:,.0f}')} |"
             f" {lost}/{doubled} |"
         )
@@ -890,7 +910,7 @@ def throughput_table(results: dict[str, list[dict[str, Any]]], args: argparse.Na
             f"| bare Litestar POST (baseline, {args.baseline_http}) |"
             f" {spread(runs, 'per_second', fmt_rate)} req/s | {spread(runs, 'p50_ms', fmt_ms)} |"
             f" {spread(runs, 'p99_ms', fmt_ms)} |"
-            f" {spread(runs, 'server_cpu_ms_per_item', fmt_ms)} per request | - | - |"
+            f" {spread(runs, 'server_cpu_ms_per_item', fmt_ms)} per request | 1 | - | - |"
         )
     return "\n".join(lines)
 
@@ -914,7 +934,8 @@ def run_throughput(args: argparse.Namespace, tmp: Path) -> tuple[dict, str]:
             )
             if config != "baseline":
                 line += (
-                    f", 409s {out['claims_409']} ({out['claims_409_total']} in all),"
+                    f", {fmt_ratio(out['requests_per_item'])} requests a job,"
+                    f" 409s {out['claims_409']} ({out['claims_409_total']} in all),"
                     f" {out['submitted']} submitted, lost {out['lost']}, doubled"
                     f" {out['doubled']}"
                 )
