@@ -19,7 +19,7 @@ then drives it over HTTP:
   of the jobs the previous one handed out (each with a fixed short result, its usage and the
   miner's co-signature over the result's SHA-256), so a busy miner spends one request a round.
   No model runs. `--protocol split` has them hand in the results in a `POST /v1/jobs/complete`
-  of their own (as `aitbc-node miner` does, one generation finishing at a time); `--protocol
+  of their own, after each claim-next; `--protocol
   tutorial` has them take work the tutorial's way: `GET /v1/jobs/available?wait=30&limit=10`,
   claim (`POST /v1/jobs/{id}/claim`, a 409 is a lost race and is counted) up to --slots jobs
   of the offer, in the offer's order (`--pick random`: shuffled), then `POST
@@ -31,12 +31,14 @@ then drives it over HTTP:
 After --warmup seconds, a window of --seconds is measured: full jobs/s (jobs whose long poll
 answered `completed` with a `receipt_id` inside the window), p50 and p99 of submit → completed
 as the client sees it, the node's CPU (utime + stime from /proc/PID/stat, all its threads)
-over the window divided by the jobs completed in it, and the claims answered 409 in it. Then
-the clients stop submitting, every job in flight is waited for, and the whole run (warm-up and
-drain included) is checked: every submitted job completed exactly once, by exactly one miner
-(completions counted per job id on the miner side; a job the client did not see completed, or
-saw completed by another miner than the one whose completion was accepted, is lost; one with
-two accepted completions is doubled).
+over the window divided by the jobs completed in it, the requests the load generator sent in
+it per job completed in it, and the claims answered 409 in it. Then the clients stop
+submitting, every job in flight is waited for, and the whole run (warm-up and drain included)
+is checked: every submitted job completed exactly once, by exactly one miner (completions
+counted per job id on the miner side; a job the client did not see completed, or saw
+completed by another miner than the one whose completion was accepted, is lost; one with two
+accepted completions is doubled). A miner parked in a long poll that carries results when the
+run stops is cancelled there and credited with them: the node records them before it waits.
 
 The baseline is a bare Litestar app with one POST handler returning a small JSON, served by
 uvicorn (httptools on uvloop, as the node; --baseline-http) in its own process (this file with
