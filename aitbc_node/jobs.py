@@ -808,10 +808,11 @@ class Jobs:
         return row, self.webhooks.enqueue(db, row)
 
     def _finished(self, row: Row) -> dict[str, Any]:
-        """After a finish: count it, and once it is committed, wake what waits on the job
+        """After a finish: once it is committed, count it and wake what waits on the job
         with its view at hand (`ended_view`); that view."""
         if row["status"] == "completed":
-            self._count_completion(row)  # before job_changed lets its first-text time go
+            # Before job_changed lets its first-text time go (actions run in order).
+            self.store.after_commit(lambda: self._count_completion(row))
         view = job_view(row)
         self.store.after_commit(lambda: self._remember_ended(row["job_id"], view))
         self.signals.job_changed(row["job_id"], finished=True)
