@@ -135,6 +135,18 @@ def gpu_offload_supported() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
+def repacking_allowed() -> bool:
+    """Whether llama.cpp may repack weights into its extra buffer types (`use_extra_bufts`).
+
+    Not where its CPU backend uses AMX (Sapphire Rapids and later Xeons): its AMX matrix
+    multiply crashes the process (SIGSEGV in `ggml_backend_amx_mul_mat`, llama.cpp issue
+    20824) on the first job. Without repacking the weights stay in plain CPU buffers, where
+    the AVX-512 kernels run them. Call after `llama_backend_init`.
+    """
+    system_info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    return "AMX_INT8 = 1" not in system_info
+
+
 def device_info(gpu_layers: int) -> dict[str, Any]:
     """What the miner runs on, for `gpu_info` and `/api/health`: the backend in use ("gpu"
     when layers are offloaded to a GPU device, else "cpu"), the device's name and memory, and
@@ -344,6 +356,7 @@ class Engine:
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = gpu_layers
+        model_params.use_extra_bufts = repacking_allowed()
         self._model = llama_cpp.llama_model_load_from_file(str(model.path).encode(), model_params)
         if not self._model:
             raise EngineError(f"cannot load model {model.path}: llama.cpp could not read it")

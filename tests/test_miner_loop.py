@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from aitbc_node.engine import Engine, Generation
+from aitbc_node import engine as engine_module
+from aitbc_node.engine import Engine, Generation, repacking_allowed
 from aitbc_node.miner import HeldJob, MinerLoop
 from aitbc_node.models import embedded_model
 from tests.conftest import GENERATION_WAIT, ROOT
@@ -104,6 +105,23 @@ def run_until(loop: MinerLoop, done: Any) -> threading.Thread:
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
     return thread
+
+
+@pytest.mark.parametrize(
+    ("system_info", "allowed"),
+    [
+        (b"CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | AVX512_BF16 = 1 | AMX_INT8 = 1 |", False),
+        (b"CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | OPENMP = 1 |", True),
+    ],
+)
+def test_weights_are_not_repacked_where_llama_cpp_uses_amx(
+    monkeypatch: pytest.MonkeyPatch, system_info: bytes, allowed: bool
+) -> None:
+    # llama.cpp's AMX matrix multiply crashes the process on the first job (seen on a
+    # Sapphire Rapids Xeon with the embedded model); the engine tests here load the real
+    # model on whatever CPU runs them, so on such a CPU they show the crash without this.
+    monkeypatch.setattr(engine_module.llama_cpp, "llama_print_system_info", lambda: system_info)
+    assert repacking_allowed() is allowed
 
 
 def test_more_jobs_than_slots_all_finish_in_batches(engine: Engine) -> None:

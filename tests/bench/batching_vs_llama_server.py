@@ -323,6 +323,10 @@ def llama_server(
         "--threads-batch",
         str(args.threads),
     ]
+    if "amx_int8" in Path("/proc/cpuinfo").read_text():
+        # The node does not repack weights where llama.cpp would use AMX (it crashes there:
+        # `engine.repacking_allowed`); neither does the baseline then.
+        command.append("--no-repack")
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
