@@ -1,9 +1,12 @@
 """Canonical JSON: one byte string per value, so signatures and hashes are reproducible.
 
 `canonical_bytes` is `json.dumps` with sorted keys, no whitespace and raw UTF-8, restricted to
-None, bool, int, str, list and dict with str keys. Floats are refused: their text form differs
-between languages and libraries, so a float in a signed document is a verification failure
-waiting to happen. Money and ratios travel as decimal strings instead.
+None, bool, int, str, list and dict with str keys. Plain values (the common case: every
+receipt) are encoded by msgspec, which writes exactly those bytes several times faster (keys
+sorted by code point, the same escapes); anything else goes through `json.dumps` itself.
+Floats are refused: their text form differs between languages and libraries, so a float in a
+signed document is a verification failure waiting to happen. Money and ratios travel as
+decimal strings instead.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+
+import msgspec
 
 __all__ = ["CanonicalError", "canonical_bytes", "canonical_hash", "sha256_hex"]
 
@@ -58,6 +63,7 @@ def _check(value: object, path: str) -> None:
     raise CanonicalError(f"{path}: values of type {type(value).__name__} are not allowed")
 
 
+_ENCODER = msgspec.json.Encoder(order="sorted")
 _PLAIN_LEAVES = frozenset({str, int, bool, type(None)})
 
 
@@ -81,12 +87,13 @@ def canonical_bytes(obj: object, *, root: str = "value") -> bytes:
 
     `root` is the name used for the top of the structure in error paths.
     """
-    if not _plain(obj):
-        _check(obj, root)  # raises, naming where; or passes (subclasses of int and str)
-    text = json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
     try:
+        if _plain(obj):
+            return _ENCODER.encode(obj)
+        _check(obj, root)  # raises, naming where; or passes (subclasses of int and str)
+        text = json.dumps(
+            obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
         return text.encode("utf-8")
     except UnicodeEncodeError:
         _check(obj, root)  # names the string that has no UTF-8 form

@@ -344,6 +344,15 @@ def m010_stats_counters(db: sqlite_utils.Database) -> None:
         _counter_triggers(db, table, counters, read_columns)
 
 
+@migration
+def m011_drop_duplicate_job_indexes(db: sqlite_utils.Database) -> None:
+    # m007's two indexes repeat m001's `idx_jobs_status_served_model_seq` and m003's
+    # `idx_jobs_client_status` column for column: every change of a job's status updated
+    # four index entries where two do the same work.
+    db.execute("DROP INDEX IF EXISTS jobs_by_status")
+    db.execute("DROP INDEX IF EXISTS jobs_by_client_status")
+
+
 def apply(path: Path) -> list[str]:
     """Bring the database at `path` up to the newest schema; return the migrations that ran."""
     import sqlite_utils

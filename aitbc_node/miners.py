@@ -147,6 +147,17 @@ class Miners:
         models = set(self.builtin_models) | {r["model"] for r in rows}
         return sorted(models)
 
+    def serves(self, model: str) -> bool:
+        """Whether some online miner serves `model` (stops at the first that does)."""
+        if model in self.builtin_models:
+            return True
+        row = self.store.read().one(
+            "SELECT 1 AS found FROM miners, json_each(miners.capabilities)"
+            " WHERE builtin = 0 AND last_seen_ms >= ? AND value = ? LIMIT 1",
+            (self.online_cutoff_ms(), model),
+        )
+        return row is not None
+
     def serving(self) -> dict[str, list[str]]:
         """Each model some online miner serves, with the ids of the miners serving it (the
         built-in miner first)."""

@@ -141,6 +141,9 @@ class NodeKey:
 
     def __init__(self, signing_key: SigningKey) -> None:
         self._key = signing_key
+        # Every receipt names the key: computed once, not per signature.
+        self._public_key_hex = bytes(signing_key.verify_key).hex()
+        self._key_id = key_id_for(self._public_key_hex)
 
     @classmethod
     def generate(cls) -> NodeKey:
@@ -200,12 +203,12 @@ class NodeKey:
     @property
     def public_key_hex(self) -> str:
         """The 32-byte public key as 64 lowercase hex characters."""
-        return bytes(self._key.verify_key).hex()
+        return self._public_key_hex
 
     @property
     def key_id(self) -> str:
         """`ed25519:` + 16 hex chars of sha256(public key)."""
-        return key_id_for(self.public_key_hex)
+        return self._key_id
 
     @property
     def address(self) -> str:

@@ -71,8 +71,14 @@ def lost_with_group(error: BaseException) -> Exception:
     return RuntimeError(f"this write was lost with its group: {error}")
 
 
-def _dict_rows(cursor: apsw.Cursor, row: tuple[Any, ...]) -> Row:
-    return {name: value for (name, _), value in zip(cursor.get_description(), row, strict=True)}
+def _column_names(cursor: apsw.Cursor) -> list[str] | None:
+    """The column names of the statement just executed on `cursor`; None when it returned
+    no row (an UPDATE, or nothing matched). Read once per statement, not per row: apsw
+    builds the description anew on every call."""
+    try:
+        return [name for name, _ in cursor.get_description()]
+    except apsw.ExecutionCompleteError:
+        return None
 
 
 class Connection:
@@ -83,13 +89,16 @@ class Connection:
 
     def execute(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[Row]:
         """Run one statement and return all its rows."""
-        return list(self._conn.execute(sql, params))
+        cursor = self._conn.execute(sql, params)
+        names = _column_names(cursor)
+        return [] if names is None else [dict(zip(names, row, strict=True)) for row in cursor]
 
     def one(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> Row | None:
         """Run one statement and return its first row, or None."""
-        for row in self._conn.execute(sql, params):
-            return row
-        return None
+        cursor = self._conn.execute(sql, params)
+        names = _column_names(cursor)
+        row = None if names is None else next(cursor, None)
+        return None if row is None else dict(zip(names, row, strict=True))
 
     def changes(self) -> int:
         """Rows changed by the last statement."""
@@ -181,7 +190,6 @@ class Store:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         conn.execute("PRAGMA foreign_keys=ON")
-        conn.set_row_trace(_dict_rows)
         return conn
 
     @contextmanager

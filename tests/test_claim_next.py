@@ -113,6 +113,26 @@ def test_a_miner_gets_at_most_what_it_asks_for_in_turn(coordinator: NodeProcess)
     assert empty.status_code == 200 and empty.json()["jobs"] == []
 
 
+def test_claim_next_hands_out_jobs_in_turn_by_client(start_node: Any) -> None:
+    node = start_node("--no-miner")
+    key = node.register_miner("fair")
+    b_key = node.new_key("client", "b")
+    a = [node.submit(f"a{i}")["job_id"] for i in range(3)]
+    b = [node.submit(f"b{i}", key=b_key)["job_id"] for i in range(2)]
+
+    def taken(max_jobs: int) -> set[str]:
+        answer = claim_next(node, key, "fair", max_jobs=max_jobs)
+        assert answer.status_code == 200, answer.text
+        return {j["job_id"] for j in answer.json()["jobs"]}
+
+    # Not the oldest first (a0, a1): B's first job is as much in turn as A's.
+    assert taken(2) == {a[0], b[0]}
+    # Each client's running job counts towards its turns: a1 and b1 are second in turn,
+    # a2 third.
+    assert taken(2) == {a[1], b[1]}
+    assert taken(2) == {a[2]}
+
+
 def test_claim_next_renews_leases_in_place_of_heartbeats(coordinator: NodeProcess) -> None:
     """The coordinator's leases are 1 s; a miner that only calls claim-next keeps its job."""
     key = coordinator.register_miner("keeper")

@@ -182,6 +182,30 @@ def test_canonical_bytes_roundtrip_any_order(value: Any, data: st.DataObject) ->
     assert json.loads(out.decode()) == value
 
 
+@settings(max_examples=300, deadline=None)
+@given(value=json_values)
+def test_canonical_bytes_are_json_dumps_sorted_compact(value: Any) -> None:
+    # The definition, byte for byte, whichever encoder writes them: every escape, key order
+    # by code point (non-BMP keys after U+FFFF ones), integers of any size.
+    reference = json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode()
+    assert canonical_bytes(value) == reference
+
+
+def test_canonical_bytes_edge_values_match_the_definition() -> None:
+    value = {
+        "\U0001f600": '\x00\x1f\x7f\u2028\u2029\ufeff"\\/',
+        "\uffff": [2**64, -(2**70), 0, True, False, None],
+        "Z": {"é": "\t\r\n\b\f"},
+        "": "",
+    }
+    reference = json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode()
+    assert canonical_bytes(value) == reference
+
+
 # --- keys, signatures, addresses --------------------------------------------------------------
 
 

@@ -39,6 +39,21 @@ def test_a_new_store_is_wal_with_every_migration_recorded(tmp_path: Path) -> Non
     assert again.fetchone() == (len(MIGRATIONS),)
 
 
+def test_no_table_keeps_two_indexes_on_the_same_columns(tmp_path: Path) -> None:
+    # Each index is written on every change of its columns: a duplicate is pure cost (m007
+    # once repeated two of the jobs table's, each status change updating both copies).
+    Store(tmp_path / "node.db").close()
+    db = sqlite3.connect(tmp_path / "node.db")
+    seen: dict[tuple[str, tuple[str, ...]], str] = {}
+    indexes = db.execute("SELECT name, tbl_name FROM sqlite_master WHERE type = 'index'")
+    for name, table in indexes.fetchall():
+        columns = tuple(r[2] for r in db.execute(f"PRAGMA index_info('{name}')"))
+        assert (table, columns) not in seen, f"{name} repeats {seen[(table, columns)]}"
+        seen[(table, columns)] = name
+    assert ("jobs", ("status", "served_model", "seq")) in seen  # the queue's own is kept
+    assert ("jobs", ("client", "status")) in seen
+
+
 def test_a_failed_write_rolls_back(tmp_path: Path) -> None:
     store = Store(tmp_path / "node.db")
     try:
