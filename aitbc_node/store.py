@@ -81,6 +81,14 @@ def _column_names(cursor: apsw.Cursor) -> list[str] | None:
         return None
 
 
+def _close(cursor: apsw.Cursor) -> None:
+    """End the statement of a cursor whose row could not be read (a value that is not UTF-8,
+    say): the traceback keeps the cursor alive, and a statement left in progress would stop
+    the writer from releasing or opening any savepoint."""
+    with suppress(apsw.Error):
+        cursor.close(force=True)
+
+
 class Connection:
     """A thin wrapper over an apsw connection that returns rows as dicts."""
 
@@ -90,14 +98,22 @@ class Connection:
     def execute(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[Row]:
         """Run one statement and return all its rows."""
         cursor = self._conn.execute(sql, params)
-        names = _column_names(cursor)
-        return [] if names is None else [dict(zip(names, row, strict=True)) for row in cursor]
+        try:
+            names = _column_names(cursor)
+            return [] if names is None else [dict(zip(names, row, strict=True)) for row in cursor]
+        except BaseException:
+            _close(cursor)
+            raise
 
     def one(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> Row | None:
         """Run one statement and return its first row, or None."""
         cursor = self._conn.execute(sql, params)
-        names = _column_names(cursor)
-        row = None if names is None else next(cursor, None)
+        try:
+            names = _column_names(cursor)
+            row = None if names is None else next(cursor, None)
+        except BaseException:
+            _close(cursor)
+            raise
         return None if row is None else dict(zip(names, row, strict=True))
 
     def changes(self) -> int:
