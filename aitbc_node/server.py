@@ -104,11 +104,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     uvicorn arms its keep-alive timer only after a response, so on its own a connection that
     never finishes its first request head (slowloris), or never sends anything, stays open
-    for ever. Here a timer runs from the moment a request head is awaited (on connect, and on
-    the first byte of each later request) until the whole head has come; when it fires the
-    connection is closed (with a 408 when part of a head came). A head over `MAX_HEAD_BYTES`
-    is answered 400, as is one the parser cannot read (in the API's error shape). A
-    connection beyond `max_connections` is answered 503 `TOO_MANY_CONNECTIONS` and closed.
+    for ever. Here a timer runs from the moment a request head is awaited (on connect, on
+    the first byte of each later request, and at the end of a body answered before it had
+    come) until the whole head has come; when it fires the connection is closed (with a 408
+    when part of a head came). A head over `MAX_HEAD_BYTES` is answered 400, as is one the
+    parser cannot read (in the API's error shape). A connection beyond `max_connections` is
+    answered 503 `TOO_MANY_CONNECTIONS` and closed.
     """
 
     header_timeout: ClassVar[float] = ConnectionLimits.header_timeout
@@ -173,6 +174,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._request_read = True
         self._between_requests = self._response_sent
+        if self._between_requests:
+            # The answer went first: the bytes counted so far were this request's (its head
+            # and the body that came with it), and uvicorn's keep-alive timer, armed by the
+            # answer, was stopped by the body's bytes. The next head's count and timer start
+            # here; it may be in these same bytes.
+            self._head_bytes = 0
+            self._arm_head_timer()
         super().on_message_complete()
 
     def on_response_complete(self) -> None:

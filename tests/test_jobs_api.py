@@ -221,7 +221,9 @@ def test_bad_submissions_get_clear_errors_and_write_nothing(node: NodeProcess) -
         413,
         "BODY_TOO_LARGE",
     )
-    assert node.request("GET", "/v1/jobs", key).json()["jobs"] == []
+    listed = node.request("GET", "/v1/jobs", key)
+    assert listed.status_code == 200, listed.text
+    assert listed.json()["jobs"] == []
     assert db_snapshot(node.data_dir) == before
 
 
