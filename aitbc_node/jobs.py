@@ -90,8 +90,14 @@ PENDING_IN_TURN = (
     f"SELECT jobs.* FROM jobs JOIN ({_PENDING_WITH_TURN}) AS t USING (seq)"
     " ORDER BY t.turn, t.seq LIMIT :limit"
 )
-# The same jobs' keys alone, for a claim's UPDATE.
+# The same jobs' keys alone, for a claim's UPDATE. Read on their own first: as a subquery of
+# the UPDATE the same statement took ten times as long (1 ms against 0.1 ms with 64 running).
 _SEQS_IN_TURN = f"SELECT seq FROM ({_PENDING_WITH_TURN}) ORDER BY turn, seq LIMIT :limit"
+# How many jobs for these models are pending, counted up to :over (an index range, no more).
+_PENDING_UP_TO = (
+    "SELECT count(*) AS n FROM (SELECT 1 FROM jobs WHERE status = 'pending'"
+    " AND served_model IN (SELECT value FROM json_each(:caps)) LIMIT :over)"
+)
 
 
 def new_job_id() -> str:
@@ -586,21 +592,27 @@ class Jobs:
     ) -> list[Row]:
         """Inside a write: move `job_id` (or the next `limit` jobs in turn) for these models
         from pending to running for `miner_id`; the rows claimed, in turn order."""
+        params: dict[str, Any] = {"job_id": job_id, "caps": capabilities_json, "limit": limit}
+        if job_id is not None:
+            target = "job_id = :job_id"
+        else:
+            pending = db.one(_PENDING_UP_TO, {**params, "over": limit + 1})
+            if pending is None or pending["n"] == 0:
+                return []
+            if pending["n"] <= limit:
+                # All of them: the turn order would choose every one, so it is not computed.
+                target = "1"
+            else:
+                seqs = [row["seq"] for row in db.execute(_SEQS_IN_TURN, params)]
+                params["seqs"] = json.dumps(seqs)
+                target = "seq IN (SELECT value FROM json_each(:seqs))"
         now = now_ms()
-        target = "job_id = :job_id" if job_id is not None else f"seq IN ({_SEQS_IN_TURN})"
         rows = db.execute(
             "UPDATE jobs SET status = 'running', miner_id = :miner, attempts = attempts + 1,"
             " started_ms = :now, lease_expires_ms = :lease"
             f" WHERE {target} AND status = 'pending'"
             " AND served_model IN (SELECT value FROM json_each(:caps)) RETURNING *",
-            {
-                "job_id": job_id,
-                "miner": miner_id,
-                "now": now,
-                "lease": now + self.rules.lease_ms,
-                "caps": capabilities_json,
-                "limit": limit,
-            },
+            {**params, "miner": miner_id, "now": now, "lease": now + self.rules.lease_ms},
         )
         # RETURNING gives no order; keep the queue's (turn order is close to seq order).
         return sorted(rows, key=lambda r: r["seq"])
