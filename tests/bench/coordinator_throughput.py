@@ -2,7 +2,7 @@
 
     .venv/bin/python tests/bench/coordinator_throughput.py [--runs 3] [--miners 1,4,16]
         [--clients 32] [--seconds 10] [--warmup 2] [--slots 4] [--protocol next|split|tutorial]
-        [--pick oldest|random] [--baseline-http httptools|h11]
+        [--pick oldest|random] [--baseline-http httptools|h11] [--in-process]
         [--node-arg=--durability=normal ...] [--out results.json]
     .venv/bin/python tests/bench/coordinator_throughput.py --growth 1000,10000,100000
         [--growth-fill api|direct] [--growth-verify] [--growth-miners 1] [--reads 100]
@@ -44,6 +44,13 @@ The baseline is a bare Litestar app with one POST handler returning a small JSON
 uvicorn (httptools on uvloop, as the node; --baseline-http) in its own process (this file with
 --serve-baseline), under the same load generator: --clients clients POSTing in a loop, req/s,
 p50, p99 and server CPU per request over the same window.
+
+--in-process adds a third kind of measurement: the same lifecycle without HTTP, in a process
+of its own on a fresh copy of the template, through the node's own code (`Jobs.submit`,
+`claim_as`, `finish` with the miner's co-signature, each its own `Store.run`, so they form the
+writer thread's groups as requests' writes do), --clients coroutines at once: jobs/s and the
+process's CPU per job. No HTTP, no long polls, no views in answers: the floor under the
+node's figures, telling the node's own work from what serving it over HTTP adds.
 
 Interleaved: in each of --runs repetitions the baseline and each miner count run once, the
 order rotated by one every repetition. Reported: every run as it ends, then the medians over
@@ -832,7 +839,10 @@ def measure(
     run: int,
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    """One measurement: the baseline, or the node with `config` miners."""
+    """One measurement: the baseline, the lifecycle in-process, or the node with `config`
+    miners."""
+    if config == IN_PROCESS:
+        return in_process_run(template, tmp / f"run{run}-in-process", args)
     if config == "baseline":
         with baseline_server(tmp, args) as (port, pid):
             tally, cpu = asyncio.run(post_load(port, pid, args))
@@ -895,7 +905,7 @@ def throughput_table(results: dict[str, list[dict[str, Any]]], args: argparse.Na
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for config, runs in results.items():
-        if config == "baseline":
+        if config in ("baseline", IN_PROCESS):
             continue
         lost = sum(r["lost"] for r in runs)
         doubled = sum(r["doubled"] for r in runs)
@@ -906,6 +916,12 @@ def throughput_table(results: dict[str, list[dict[str, Any]]], args: argparse.Na
             f" {spread(runs, 'requests_per_item', fmt_ratio)} |"
             f" {spread(runs, 'claims_409', lambda v: '-' if v is None else f'{v:,.0f}')} |"
             f" {lost}/{doubled} |"
+        )
+    if runs := results.get(IN_PROCESS):
+        lines.append(
+            f"| the same work in-process, no HTTP ({args.clients} at once) |"
+            f" {spread(runs, 'per_second', fmt_rate)} | - | - |"
+            f" {spread(runs, 'server_cpu_ms_per_item', fmt_ms)} | 0 | - | - |"
         )
     if runs := results.get("baseline"):
         lines.append(
@@ -921,12 +937,22 @@ def run_throughput(args: argparse.Namespace, tmp: Path) -> tuple[dict, str]:
     """The throughput mode: every run of every configuration, and the table."""
     template, keys = prepare_template(tmp, max(args.miners))
     configs = ["baseline", *(str(n) for n in args.miners)]
+    if args.in_process:
+        configs.append(IN_PROCESS)
     results: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
     for run in range(args.runs):
         shift = run % len(configs)
         for config in configs[shift:] + configs[:shift]:
             out = measure(config, template, keys, tmp, run, args)
             results[config].append(out)
+            if config == IN_PROCESS:
+                print(
+                    f"run {run + 1} in-process: {fmt_rate(out['per_second'])} jobs/s, CPU"
+                    f" {fmt_ms(out['server_cpu_ms_per_item'])} a job"
+                    f" ({out['server_cpu_share']:.0%} of a core)",
+                    flush=True,
+                )
+                continue
             what = "baseline" if config == "baseline" else f"{config} miners"
             line = (
                 f"run {run + 1} {what}: {fmt_rate(out['per_second'])}/s, p50"
@@ -945,6 +971,106 @@ def run_throughput(args: argparse.Namespace, tmp: Path) -> tuple[dict, str]:
                 line += f", errors {out['errors']}"
             print(line, flush=True)
     return results, throughput_table(results, args)
+
+
+def finish_as(jobs: Any, miner: Miner, completion: dict[str, Any], job_id: str) -> None:
+    """Through the node's own code (`Jobs.finish`): complete `job_id` as `miner` with the
+    fixed result, usage and co-signature of `completion` (`Miner.completion()`)."""
+    jobs.finish(
+        job_id,
+        miner.name,
+        result=completion["result"],
+        prompt_tokens=USAGE["prompt_tokens"],
+        completion_tokens=USAGE["completion_tokens"],
+        model_sha256=completion["model_sha256"],
+        miner_signature=completion["miner_signature"],
+    )
+
+
+# -- the in-process mode ------------------------------------------------------------------------
+
+IN_PROCESS = "in-process"
+
+
+def in_process_run(template: Path, data_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The lifecycle without HTTP (--in-process), in a process of its own on a fresh copy of
+    the template: what the node's own work costs, the floor under the HTTP figures."""
+    shutil.copytree(template, data_dir)
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--in-process-child",
+            str(data_dir),
+            f"--clients={args.clients}",
+            f"--seconds={args.seconds}",
+            f"--warmup={args.warmup}",
+            *(f"--node-arg={arg}" for arg in args.node_arg),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=args.seconds + args.warmup + args.drain_timeout,
+    )
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def in_process_child(data_dir: Path, args: argparse.Namespace) -> None:
+    """--in-process-child: --clients coroutines, each in a loop: submit, claim, finish (with
+    the miner's co-signature, so a signed receipt and a payment), each its own `Store.run`
+    (so the three writes join the writer thread's groups as requests' writes do), through
+    the node's own code on its event loop; counted over --seconds after --warmup. Prints one
+    JSON line. No HTTP, no long polls, no answers' views: a lower bound for the node. Of the
+    node's arguments only `--durability=normal` applies here."""
+    from aitbc_node.keys import Principal
+    from aitbc_node.node import Node, NodeSettings
+    from aitbc_node.schemas import JobParams, SubmitJob
+
+    durability = "NORMAL" if "--durability=normal" in args.node_arg else "FULL"
+    node = Node(NodeSettings(data_dir=data_dir, run_miner=False, synchronous=durability))
+    miner = Miner("in-process", "")
+    completion = miner.completion()
+    node.miners.upsert(miner.name, [SMOL], {}, builtin=False, public_key=miner.key.public_key_hex)
+    client = Principal(key_id="bench", name="default", role="client", identity="default")
+    request = SubmitJob(prompt="Say hi.", model=SMOL, params=JobParams(**JOB_PARAMS))
+    capabilities = json.dumps([SMOL])
+    store, jobs = node.store, node.jobs
+
+    async def lifecycle() -> None:
+        job_id = (await store.run(lambda: jobs.submit(client, request)))[0]["job_id"]
+        await store.run(lambda: jobs.claim_as(miner.name, capabilities, job_id))
+        await store.run(lambda: finish_as(jobs, miner, completion, job_id))
+
+    async def measured() -> dict[str, Any]:
+        window: list[float] = []  # [jobs, wall, cpu] once measured
+        done = 0
+        stop = time.monotonic() + args.warmup + args.seconds
+
+        async def client_loop() -> None:
+            nonlocal done
+            while time.monotonic() < stop:
+                await lifecycle()
+                done += 1
+
+        async def meter() -> None:
+            await asyncio.sleep(args.warmup)
+            jobs0, wall0, cpu0 = done, time.perf_counter(), time.process_time()
+            await asyncio.sleep(args.seconds)
+            window.extend((done - jobs0, time.perf_counter() - wall0, time.process_time() - cpu0))
+
+        await asyncio.gather(meter(), *(client_loop() for _ in range(args.clients)))
+        count, wall, cpu = window
+        return {
+            "per_second": count / wall,
+            "server_cpu_ms_per_item": cpu / count * 1000 if count else None,
+            "server_cpu_share": cpu / wall,
+            "jobs": count,
+        }
+
+    try:
+        print(json.dumps(asyncio.run(measured())))
+    finally:
+        node.store.close()
 
 
 # -- the growth mode -----------------------------------------------------------------------------
@@ -1027,15 +1153,7 @@ def fill_direct(data_dir: Path, miner: Miner, jobs: int) -> None:
         for i in range(1, jobs + 1):
             job_id = node.jobs.submit(client, request)[0]["job_id"]
             node.jobs.claim_as(miner.name, capabilities, job_id)
-            node.jobs.finish(
-                job_id,
-                miner.name,
-                result=completion["result"],
-                prompt_tokens=USAGE["prompt_tokens"],
-                completion_tokens=USAGE["completion_tokens"],
-                model_sha256=completion["model_sha256"],
-                miner_signature=completion["miner_signature"],
-            )
+            finish_as(node.jobs, miner, completion, job_id)
             if i % DIRECT_SEAL_EVERY == 0:
                 node.ledger.seal(node.settings.block_max_items)
             if i % 10_000 == 0:
@@ -1259,9 +1377,18 @@ def main() -> None:
     )
     parser.add_argument("--reads", type=int, default=100, help="requests per read (100)")
     parser.add_argument("--out", type=Path, help="write every measurement here as JSON")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="also run the same lifecycle without HTTP, in-process (the node's own work)",
+    )
     parser.add_argument("--serve-baseline", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--in-process-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.in_process_child:
+        in_process_child(args.in_process_child, args)
+        return
     if args.serve_baseline:
         serve_baseline(args.serve_baseline, args.baseline_http)
         return
