@@ -397,6 +397,26 @@ def test_a_kept_alive_connection_serves_its_next_request_after_an_early_413(star
         assert json.loads(answer)["jobs"] == []
 
 
+def test_a_connection_idle_after_an_early_413_and_its_body_is_closed(start_node) -> None:
+    """The body's bytes stop uvicorn's keep-alive timer (armed by the early answer); the
+    head timer closes the connection once no next request comes."""
+    node = start_node("--no-miner", "--header-timeout", "2", "--keep-alive-timeout", "2")
+    body = b'{"prompt": "' + b"x" * (2 << 20) + b'"}'
+    post = (
+        b"POST /api/v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+    )
+    s = socket.create_connection(("127.0.0.1", node.port))
+    try:
+        s.sendall(post + body[: 200 << 10])
+        head, _ = read_response(s)
+        assert head.startswith(b"HTTP/1.1 413 "), head
+        s.sendall(body[200 << 10 :])
+        assert wait_closed([s])[s.fileno()] == b""
+    finally:
+        s.close()
+
+
 def test_a_request_that_is_not_http_gets_the_api_error_shape(start_node) -> None:
     node = start_node("--no-miner")
     for raw in (b"NOT HTTP AT ALL\r\n\r\n", b"GET /api/health HTTP/1.1\r\nHost: x\r\n\x00\r\n\r\n"):
