@@ -166,7 +166,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._between_requests = False
         self._request_read = self._response_sent = False
+        # The head is whole: its timer and its count end (the bytes counted may include some
+        # of the body that came with it; they are no later head's).
         self._disarm_head_timer()
+        self._head_bytes = 0
         super().on_headers_complete()
 
     # The next bytes begin a new head only once the request's body has been read to its end
@@ -175,11 +178,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._request_read = True
         self._between_requests = self._response_sent
         if self._between_requests:
-            # The answer went first: the bytes counted so far were this request's (its head
-            # and the body that came with it), and uvicorn's keep-alive timer, armed by the
-            # answer, was stopped by the body's bytes. The next head's count and timer start
-            # here; it may be in these same bytes.
-            self._head_bytes = 0
+            # The answer went first, and arms uvicorn's keep-alive timer, but the body's bytes
+            # stopped it: the next head's timer starts here (it may be in these same bytes).
             self._arm_head_timer()
         super().on_message_complete()
 

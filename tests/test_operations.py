@@ -366,6 +366,16 @@ def read_response(sock: socket.socket) -> tuple[bytes, bytes]:
     return head, body
 
 
+def too_large_post(api_key: str | None = None) -> tuple[bytes, bytes]:
+    """The head and the body of a `POST /api/v1/jobs` whose body (2 MiB) is over the limit."""
+    body = b'{"prompt": "' + b"x" * (2 << 20) + b'"}'
+    head = b"POST /api/v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    if api_key is not None:
+        head += b"X-Api-Key: " + api_key.encode() + b"\r\n"
+    head += b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+    return head, body
+
+
 def test_a_kept_alive_connection_serves_its_next_request_after_an_early_413(start_node) -> None:
     """A body announced too large is answered 413 before it has come; the connection stays
     usable. Its bytes are never taken for the next request's head: here 200 KiB of it come
@@ -373,12 +383,7 @@ def test_a_kept_alive_connection_serves_its_next_request_after_an_early_413(star
     next request (was: answered 400 "Request head too large" as the body's end was read, for
     about one client in twenty that reused its connection)."""
     node = start_node("--no-miner")
-    body = b'{"prompt": "' + b"x" * (2 << 20) + b'"}'
-    post = (
-        b"POST /api/v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"X-Api-Key: " + node.client_key.encode() + b"\r\n"
-        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
-    )
+    post, body = too_large_post(node.client_key)
     get = b"GET /api/v1/jobs HTTP/1.1\r\nHost: x\r\nX-Api-Key: " + node.client_key.encode()
     get += b"\r\n\r\n"
     with socket.create_connection(("127.0.0.1", node.port)) as s:
@@ -401,11 +406,7 @@ def test_a_connection_idle_after_an_early_413_and_its_body_is_closed(start_node)
     """The body's bytes stop uvicorn's keep-alive timer (armed by the early answer); the
     head timer closes the connection once no next request comes."""
     node = start_node("--no-miner", "--header-timeout", "2", "--keep-alive-timeout", "2")
-    body = b'{"prompt": "' + b"x" * (2 << 20) + b'"}'
-    post = (
-        b"POST /api/v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
-    )
+    post, body = too_large_post()
     s = socket.create_connection(("127.0.0.1", node.port))
     try:
         s.sendall(post + body[: 200 << 10])
