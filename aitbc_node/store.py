@@ -29,6 +29,7 @@ row not yet committed, nor for one a failed commit took back.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import sqlite3
@@ -71,14 +72,10 @@ def lost_with_group(error: BaseException) -> Exception:
     return RuntimeError(f"this write was lost with its group: {error}")
 
 
-def _column_names(cursor: apsw.Cursor) -> list[str] | None:
-    """The column names of the statement just executed on `cursor`; None when it returned
-    no row (an UPDATE, or nothing matched). Read once per statement, not per row: apsw
-    builds the description anew on every call."""
-    try:
-        return [name for name, _ in cursor.get_description()]
-    except apsw.ExecutionCompleteError:
-        return None
+def _column_names(cursor: apsw.Cursor) -> list[str]:
+    """The column names of the statement whose first row `cursor` just gave. Read once per
+    statement, not per row: apsw builds the description anew on every call."""
+    return [name for name, _ in cursor.get_description()]
 
 
 def _close(cursor: apsw.Cursor) -> None:
@@ -99,8 +96,13 @@ class Connection:
         """Run one statement and return all its rows."""
         cursor = self._conn.execute(sql, params)
         try:
+            # The first row first: a statement without rows (an UPDATE) ends here, without
+            # asking for its description, which raises then (and raising costs).
+            first = next(cursor, None)
+            if first is None:
+                return []
             names = _column_names(cursor)
-            return [] if names is None else [dict(zip(names, row, strict=True)) for row in cursor]
+            return [dict(zip(names, row, strict=True)) for row in itertools.chain((first,), cursor)]
         except BaseException:
             _close(cursor)
             raise
@@ -109,12 +111,14 @@ class Connection:
         """Run one statement and return its first row, or None."""
         cursor = self._conn.execute(sql, params)
         try:
+            row = next(cursor, None)
+            if row is None:
+                return None
             names = _column_names(cursor)
-            row = None if names is None else next(cursor, None)
         except BaseException:
             _close(cursor)
             raise
-        return None if row is None else dict(zip(names, row, strict=True))
+        return dict(zip(names, row, strict=True))
 
     def changes(self) -> int:
         """Rows changed by the last statement."""
