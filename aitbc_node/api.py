@@ -1,9 +1,9 @@
 """The HTTP API (Litestar): routes, request bodies, authentication and the error shape.
 
-Handlers are async. A key's check and reads of a few rows by key run on the event loop (WAL
-reads never wait for the writer); a write is handed to the store's writer thread, which runs
-the writes queued together in one transaction and answers them after its commit
-(`Store.run`); longer reads run on a thread pool. So neither a write's fsync nor a long read
+Handlers are async. Reads of a few rows by key run on the event loop (WAL reads never wait
+for the writer), the key's check with them; a write is handed to the store's writer thread
+with its key's check, which runs the writes queued together in one transaction and answers
+them after its commit (`Store.run`); longer reads run on a thread pool. So neither a write's fsync nor a long read
 ever stalls the event loop. Every error leaves as
 `{"detail": ..., "error_code": ...}`; nothing else reaches the client.
 """
@@ -181,16 +181,25 @@ RunsOn = Literal["loop", "pool", "writer"]
 
 
 async def authorized(request: Request, fn: Callable[[Principal], T], *, on: RunsOn = "writer") -> T:
-    """Authenticate the request's API key (one row by key, read here on the event loop) and
-    check its rate limit, then run `fn(principal)` where `on` says."""
+    """Authenticate the request's API key (one row by key) and check its rate limit, then
+    run `fn(principal)` where `on` says. For the writer, the key is read there, in the same
+    trip: the writer's own connection keeps its pages cached, where a read on the loop
+    starts a fresh snapshot after every commit and reads its pages again (under load it
+    cost the loop several times the lookup itself)."""
     node = _node(request)
-    principal = keys.authenticate(node.store, request_api_key(request))
-    node.rate_limiter.check(principal.role, principal.key_id)
+    key = request_api_key(request)
+
+    def as_principal() -> Principal:
+        principal = keys.authenticate(node.store, key)
+        node.rate_limiter.check(principal.role, principal.key_id)
+        return principal
+
+    if on == "writer" and key:  # (a missing key is refused here, without the trip)
+        return await node.store.run(lambda: fn(as_principal()))
+    principal = as_principal()
     if on == "loop":
         return fn(principal)
-    if on == "pool":
-        return await in_thread(fn, principal)
-    return await node.store.run(lambda: fn(principal))
+    return await in_thread(fn, principal)
 
 
 def public(request: Request) -> Node:
@@ -583,29 +592,45 @@ async def claim_next(request: Request, data: ClaimNext) -> ClaimedJobs:
     same transaction, and are on disk before any wait begins; each one's outcome is in the
     answer's `results`."""
     node = _node(request)
-    jobs = node.jobs
-    principal, claimed = await authorized(request, lambda p: (p, jobs.claim_next(p, data)))
-    if claimed["jobs"] or data.wait == 0:
-        return claimed
-    models = jobs.served_by(data.miner_id)  # one row by key, read here on the loop
-    # The results are recorded: later tries only take work (and renew leases).
+    jobs, waiters = node.jobs, node.signals.waiters
+    woken = asyncio.get_running_loop().create_future()
+    keys: tuple[str, ...] = ()
+
+    def claim_or_watch(principal: Principal) -> tuple[Principal, dict[str, Any], list[str]]:
+        nonlocal keys
+        claimed = jobs.claim_next(principal, data)
+        if claimed["jobs"] or data.wait == 0:
+            return principal, claimed, []
+        # Nothing to take: watch for work from here, before this write's commit, so a job
+        # submitted after this claim looked wakes this request, and the wait starts without
+        # a first look of its own.
+        models = jobs.served_by(data.miner_id)
+        keys = tuple(model_work_key(model) for model in models)
+        waiters.add(woken, *keys)
+        return principal, claimed, models
+
+    # Once woken, the results are recorded: later tries only take work (and renew leases).
     take = ClaimNext(miner_id=data.miner_id, max_jobs=data.max_jobs, wait=data.wait)
 
-    def claim_if_pending() -> dict[str, Any] | None:
-        # Read again on the writer thread, which sees its own group's claims: of the miners
-        # woken together, those that come after the jobs were taken write nothing.
-        return jobs.claim_next(principal, take) if jobs.has_pending(models) else None
+    async def claimed_now(principal: Principal, models: list[str]) -> dict[str, Any] | None:
+        def claim_if_pending() -> dict[str, Any] | None:
+            # Read first on the writer thread, which sees its own group's claims: of the
+            # miners woken together (for requeued jobs), those that come after the jobs were
+            # taken write nothing.
+            return jobs.claim_next(principal, take) if jobs.has_pending(models) else None
 
-    async def claimed_now() -> dict[str, Any] | None:
-        # An indexed read, here on the loop (WAL reads never wait for the writer): only when
-        # a job is pending is a claim, a write, worth a trip to the writer thread.
-        if not jobs.has_pending(models):
-            return None
         current = await node.store.run(claim_if_pending)
         return current if current and current["jobs"] else None
 
-    keys = tuple(model_work_key(model) for model in models)
-    current = await node.signals.waiters.until(claimed_now, keys, data.wait)
+    try:
+        principal, claimed, models = await authorized(request, claim_or_watch)
+        if claimed["jobs"] or data.wait == 0:
+            return claimed
+        current = await waiters.until(
+            lambda: claimed_now(principal, models), keys, data.wait, added=woken
+        )
+    finally:
+        waiters.unregister(woken, *keys)
     return {**current, "results": claimed["results"]} if current else claimed
 
 
