@@ -3,8 +3,8 @@
 Handlers are async. Reads of a few rows by key run on the event loop (WAL reads never wait
 for the writer), the key's check with them; a write is handed to the store's writer thread
 with its key's check, which runs the writes queued together in one transaction and answers
-them after its commit (`Store.run`); longer reads run on a thread pool. So neither a write's fsync nor a long read
-ever stalls the event loop. Every error leaves as
+them after its commit (`Store.run`); longer reads run on a thread pool. So neither a
+write's fsync nor a long read ever stalls the event loop. Every error leaves as
 `{"detail": ..., "error_code": ...}`; nothing else reaches the client.
 """
 
