@@ -596,11 +596,14 @@ async def claim_next(request: Request, data: ClaimNext) -> ClaimedJobs:
     woken = asyncio.get_running_loop().create_future()
     keys: tuple[str, ...] = ()
 
-    def claim_or_watch(principal: Principal) -> tuple[Principal, dict[str, Any], list[str]]:
+    def claim_or_watch(
+        principal: Principal,
+    ) -> tuple[Principal, dict[str, Any], list[str] | None]:
+        """The claim, and the models it now watches for (None: it answers at once)."""
         nonlocal keys
         claimed = jobs.claim_next(principal, data)
         if claimed["jobs"] or data.wait == 0:
-            return principal, claimed, []
+            return principal, claimed, None
         # Nothing to take: watch for work from here, before this write's commit, so a job
         # submitted after this claim looked wakes this request, and the wait starts without
         # a first look of its own.
@@ -624,7 +627,7 @@ async def claim_next(request: Request, data: ClaimNext) -> ClaimedJobs:
 
     try:
         principal, claimed, models = await authorized(request, claim_or_watch)
-        if claimed["jobs"] or data.wait == 0:
+        if models is None:
             return claimed
         current = await waiters.until(
             lambda: claimed_now(principal, models), keys, data.wait, added=woken

@@ -10,7 +10,9 @@ as one group, the claim first.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,14 @@ def test_a_waiting_claim_is_woken_by_a_job_submitted_in_its_own_group(tmp_path: 
     miner_key, _ = create_key(node.store, "miner", "m1")
     client_key, _ = create_key(node.store, "client", "c1")
 
+    tasks = node.store._tasks  # the writes queued for the writer thread
+
+    async def until(condition: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert time.monotonic() < deadline, f"{what} never happened"
+            await asyncio.sleep(0.01)
+
     async def scenario() -> tuple[Any, Any]:
         transport = httpx.ASGITransport(app=create_app(node))
         async with httpx.AsyncClient(transport=transport, base_url="http://node") as http:
@@ -36,9 +46,15 @@ def test_a_waiting_claim_is_woken_by_a_job_submitted_in_its_own_group(tmp_path: 
                 headers={"X-Api-Key": miner_key},
             )
             assert r.status_code == 200, r.text
-            # The writer is busy for a while: what is queued meanwhile runs as one group.
-            busy = asyncio.ensure_future(node.store.run(lambda: time.sleep(1)))
-            await asyncio.sleep(0.2)
+            # The writer is held busy: what is queued meanwhile runs as one group, in order.
+            started, release = threading.Event(), threading.Event()
+
+            def hold_the_writer() -> None:
+                started.set()
+                release.wait(120)
+
+            busy = asyncio.ensure_future(node.store.run(hold_the_writer))
+            await until(started.is_set, "the writer taking the busy write")
             claim = asyncio.ensure_future(
                 http.post(
                     "/api/v1/jobs/claim-next",
@@ -46,7 +62,7 @@ def test_a_waiting_claim_is_woken_by_a_job_submitted_in_its_own_group(tmp_path: 
                     headers={"X-Api-Key": miner_key},
                 )
             )
-            await asyncio.sleep(0.2)
+            await until(lambda: tasks.qsize() == 1, "the claim queued")
             submit = asyncio.ensure_future(
                 http.post(
                     "/api/v1/jobs",
@@ -54,6 +70,8 @@ def test_a_waiting_claim_is_woken_by_a_job_submitted_in_its_own_group(tmp_path: 
                     headers={"X-Api-Key": client_key},
                 )
             )
+            await until(lambda: tasks.qsize() == 2, "the submit queued behind it")
+            release.set()
             await busy
             submitted = await submit
             # Well inside the claim's wait: a wake-up lost here would leave it the full 60 s.
