@@ -24,6 +24,9 @@ UNLIMITED = ("--rate", "client=0", "--rate", "miner=0", "--rate", "admin=0")
 SUBMITTERS = 8
 MINERS = 2
 KILLS = 3
+# Answered submits and completions each round waits for before its kill (cumulative).
+JOBS_PER_ROUND = 40
+COMPLETIONS_PER_ROUND = 20
 
 
 def test_sigkill_mid_group_loses_no_acknowledged_job_or_completion(
@@ -87,9 +90,14 @@ def test_sigkill_mid_group_loses_no_acknowledged_job_or_completion(
         threads += [threading.Thread(target=mine, args=(name,)) for name in signers]
         for t in threads:
             t.start()
-        # Kill once writes are flowing: a moment after the first completions are answered.
-        deadline = time.monotonic() + 120
-        while len(acknowledged_completions) < 20 * (kill + 1) and time.monotonic() < deadline:
+        # Kill once writes are flowing: a moment after this round's first submits and completions
+        # are answered. Waiting for counts (not for a time) keeps the final tally independent of
+        # the machine's speed.
+        deadline = time.monotonic() + 300
+        while (
+            len(acknowledged_jobs) < JOBS_PER_ROUND * (kill + 1)
+            or len(acknowledged_completions) < COMPLETIONS_PER_ROUND * (kill + 1)
+        ) and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(random.uniform(0.1, 0.5))
         node.kill()
@@ -112,6 +120,7 @@ def test_sigkill_mid_group_loses_no_acknowledged_job_or_completion(
                 unfinished.append((job_id, job["status"]))
         assert not unfinished, f"acknowledged completions lost after kill {kill + 1}"
 
-    assert len(acknowledged_jobs) > 100 and len(acknowledged_completions) > 60
+    assert len(acknowledged_jobs) >= JOBS_PER_ROUND * KILLS
+    assert len(acknowledged_completions) >= COMPLETIONS_PER_ROUND * KILLS
     verdict = node.request("GET", "/v1/stats").json()
     assert verdict["jobs"]["total"] >= len(acknowledged_jobs)
