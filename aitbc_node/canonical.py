@@ -74,11 +74,16 @@ def _plain(value: object) -> bool:
     kind = type(value)
     if kind in _PLAIN_LEAVES:
         return True
+    # Leaves are checked inline, without a call each: a receipt is mostly leaves.
     if isinstance(value, dict):
-        keys_plain = all(type(key) is str for key in value)
-        return kind is dict and keys_plain and all(map(_plain, value.values()))
+        if kind is not dict:
+            return False
+        for key, item in value.items():
+            if type(key) is not str or (type(item) not in _PLAIN_LEAVES and not _plain(item)):
+                return False
+        return True
     if isinstance(value, list):
-        return kind is list and all(map(_plain, value))
+        return kind is list and all(type(i) in _PLAIN_LEAVES or _plain(i) for i in value)
     return False
 
 

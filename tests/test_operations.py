@@ -347,23 +347,33 @@ def test_idle_connections_neither_stop_the_node_nor_stay_open(start_node) -> Non
     assert httpx.get(f"{node.url}/health", timeout=60).status_code == 200
 
 
+def read_responses(sock: socket.socket, methods: list[str]) -> list[tuple[bytes, bytes]]:
+    """The responses to requests sent back to back with these methods, in order: each one's
+    head and body (none for a HEAD)."""
+    sock.settimeout(CLOSE_WAIT)
+    data, answers = b"", []
+    for method in methods:
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed before a whole response head: {data!r}"
+            data += chunk
+        head, data = data.split(b"\r\n\r\n", 1)
+        announced = re.search(rb"(?im)^content-length: *(\d+)", head)
+        assert announced, head
+        length = 0 if method == "HEAD" else int(announced.group(1))
+        while len(data) < length:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed before a whole response body: {head!r}"
+            data += chunk
+        answers.append((head, data[:length]))
+        data = data[length:]
+    assert data == b"", f"more than {len(methods)} responses: {data!r}"
+    return answers
+
+
 def read_response(sock: socket.socket) -> tuple[bytes, bytes]:
     """One HTTP/1.1 response with a content-length from `sock`: its head and its body."""
-    sock.settimeout(CLOSE_WAIT)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"closed before a whole response head: {data!r}"
-        data += chunk
-    head, body = data.split(b"\r\n\r\n", 1)
-    announced = re.search(rb"(?im)^content-length: *(\d+)", head)
-    assert announced, head
-    length = int(announced.group(1))
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        assert chunk, f"closed before a whole response body: {head!r}"
-        body += chunk
-    return head, body
+    return read_responses(sock, ["GET"])[0]
 
 
 def too_large_post(api_key: str | None = None) -> tuple[bytes, bytes]:
@@ -416,6 +426,45 @@ def test_a_connection_idle_after_an_early_413_and_its_body_is_closed(start_node)
         assert wait_closed([s])[s.fileno()] == b""
     finally:
         s.close()
+
+
+def test_requests_sent_back_to_back_are_answered_in_order_each_whole(start_node) -> None:
+    """Requests sent back to back on one connection (pipelined), answers without a body (to
+    a HEAD) and an interim `100 Continue` go through the guarded protocol's bookkeeping of
+    where one request ends and the next begins: each gets every byte of its answer, in
+    order."""
+    node = start_node("--no-miner")
+    key = node.client_key.encode()
+    health = b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n"
+    whoami = b"GET /api/v1/whoami HTTP/1.1\r\nHost: x\r\nX-Api-Key: " + key + b"\r\n\r\n"
+    head_only = b"HEAD /api/health HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", node.port)) as s:
+        s.sendall(health + head_only + whoami + head_only + health)
+        answers = read_responses(s, ["GET", "HEAD", "GET", "HEAD", "GET"])
+        statuses = [head.split(b" ", 2)[1] for head, _ in answers]
+        assert statuses == [b"200", b"405", b"200", b"405", b"200"], answers
+        assert json.loads(answers[0][1])["status"] == "ok"
+        assert json.loads(answers[2][1])["role"] == "client"
+        assert answers[4][1] == answers[0][1]
+
+        body = json.dumps({"receipt": {"receipt_id": "rcpt-0"}}).encode()
+        s.sendall(
+            b"POST /api/v1/receipts/verify HTTP/1.1\r\nHost: x\r\n"
+            + b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+            + b"Content-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+        )
+        interim = b""
+        while not interim.endswith(b"\r\n\r\n"):
+            chunk = s.recv(1)
+            assert chunk, f"closed before 100 Continue: {interim!r}"
+            interim += chunk
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(body)
+        head, answer = read_response(s)
+        assert head.startswith(b"HTTP/1.1 200 "), (head, answer)
+        assert json.loads(answer)["valid"] is False
 
 
 def test_a_request_that_is_not_http_gets_the_api_error_shape(start_node) -> None:
