@@ -24,7 +24,7 @@ from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.spec import Components, SecurityScheme
-from litestar.params import Body, FromQuery, HeaderParameter, Parameter
+from litestar.params import FromQuery, HeaderParameter, JSONBody, Parameter
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
@@ -292,9 +292,6 @@ def operation(
     return method(path, responses={**errors(*statuses), **(responses or {})}, tags=[tag], **options)
 
 
-# A handler's `data`: the request's JSON body, decoded into the given type (Litestar 3 needs the
-# marker to tell the body from a reserved name).
-JsonBody = Annotated[T, Body()]
 # Path and query parameters, bounded before they reach the store.
 JobId = Annotated[
     str, Parameter(pattern=ID_PATTERN, max_length=MAX_ID_CHARS, description="job-...")
@@ -385,7 +382,7 @@ async def list_miners(request: Request) -> MinerList:
 )
 async def submit_job(
     request: Request,
-    data: JsonBody[SubmitJob],
+    data: JSONBody[SubmitJob],
     idempotency_key: IdempotencyKey = None,
     wait: Wait = 0,
 ) -> Response[Job]:
@@ -560,14 +557,14 @@ async def job_events(node: Node, job_id: str) -> AsyncIterator[ServerSentEventMe
 
 
 @operation(post, "/v1/jobs/{job_id:str}/progress", *BODY, *WRITES, 404, 409, tag="miners")
-async def job_progress(request: Request, job_id: JobId, data: JsonBody[ProgressReport]) -> Progress:
+async def job_progress(request: Request, job_id: JobId, data: JSONBody[ProgressReport]) -> Progress:
     """A remote miner's generated text so far: `{miner_id, text}` (the new text only)."""
     jobs = _node(request).jobs
     return await authorized(request, lambda p: jobs.progress(p, job_id, data))
 
 
 @operation(post, "/v1/miners/register", *BODY, *WRITES, tag="miners")
-async def register_miner(request: Request, data: JsonBody[RegisterMiner]) -> Miner:
+async def register_miner(request: Request, data: JSONBody[RegisterMiner]) -> Miner:
     """Register a miner: `{miner_id, capabilities, gpu_info, public_key?}`."""
     miners = _node(request).miners
     return await authorized(request, lambda p: miners.register(p, data))
@@ -581,14 +578,14 @@ async def heartbeat(request: Request, miner_id: MinerIdPath) -> Heartbeat:
 
 
 @operation(post, "/v1/jobs/{job_id:str}/claim", *BODY, *WRITES, 404, 409, tag="miners")
-async def claim_job(request: Request, job_id: JobId, data: JsonBody[MinerRequest]) -> Job:
+async def claim_job(request: Request, job_id: JobId, data: JSONBody[MinerRequest]) -> Job:
     """Claim a pending job: `{miner_id}`. Of racing claims one wins, the others get 409."""
     jobs = _node(request).jobs
     return await authorized(request, lambda p: jobs.claim(p, job_id, data.miner_id))
 
 
 @operation(post, "/v1/jobs/claim-next", *BODY, *WRITES, 404, tag="miners")
-async def claim_next(request: Request, data: JsonBody[ClaimNext]) -> ClaimedJobs:
+async def claim_next(request: Request, data: JSONBody[ClaimNext]) -> ClaimedJobs:
     """Take work: `{miner_id, max_jobs?, wait?, results?}`. Up to `max_jobs` (1 to 64)
     pending jobs for this miner's models, in turn by client, each handed to this miner alone:
     miners asking together get different jobs, never a 409. With `wait=SECONDS` (up to 60)
@@ -644,7 +641,7 @@ async def claim_next(request: Request, data: JsonBody[ClaimNext]) -> ClaimedJobs
 
 
 @operation(post, "/v1/jobs/complete", *BODY, *WRITES, 404, tag="miners")
-async def complete_jobs(request: Request, data: JsonBody[CompleteJobs]) -> CompletedJobs:
+async def complete_jobs(request: Request, data: JSONBody[CompleteJobs]) -> CompletedJobs:
     """Complete several claimed jobs at once: `{miner_id, results: [{job_id, result, usage?,
     model_sha256?, miner_signature?}]}` (1 to 64), in one transaction. Each result stands on
     its own: one refused (already finished, not this miner's, a bad signature) comes back
@@ -654,7 +651,7 @@ async def complete_jobs(request: Request, data: JsonBody[CompleteJobs]) -> Compl
 
 
 @operation(post, "/v1/jobs/{job_id:str}/release", *BODY, *WRITES, 404, 409, tag="miners")
-async def release_job(request: Request, job_id: JobId, data: JsonBody[MinerRequest]) -> Job:
+async def release_job(request: Request, job_id: JobId, data: JSONBody[MinerRequest]) -> Job:
     """Hand a claimed job back to the queue, uncounted: `{miner_id}` (a miner shutting down
     with work in hand). The job is pending again, for any miner."""
     jobs = _node(request).jobs
@@ -662,14 +659,14 @@ async def release_job(request: Request, job_id: JobId, data: JsonBody[MinerReque
 
 
 @operation(post, "/v1/jobs/{job_id:str}/complete", *BODY, *WRITES, 404, 409, tag="miners")
-async def complete_job(request: Request, job_id: JobId, data: JsonBody[CompleteJob]) -> Job:
+async def complete_job(request: Request, job_id: JobId, data: JSONBody[CompleteJob]) -> Job:
     """Complete a claimed job: `{miner_id, result, usage?, model_sha256?, miner_signature?}`."""
     jobs = _node(request).jobs
     return await authorized(request, lambda p: jobs.complete(p, job_id, data))
 
 
 @operation(post, "/v1/jobs/{job_id:str}/fail", *BODY, *WRITES, 404, 409, tag="miners")
-async def fail_job(request: Request, job_id: JobId, data: JsonBody[FailJob]) -> Job:
+async def fail_job(request: Request, job_id: JobId, data: JSONBody[FailJob]) -> Job:
     """Fail a claimed job: `{miner_id, error}`."""
     jobs = _node(request).jobs
     return await authorized(request, lambda p: jobs.fail(p, job_id, data))
@@ -679,7 +676,7 @@ async def fail_job(request: Request, job_id: JobId, data: JsonBody[FailJob]) -> 
 
 
 @operation(post, "/v1/webhooks", *BODY, *WRITES, 409, tag="webhooks", status_code=HTTP_201_CREATED)
-async def create_webhook(request: Request, data: JsonBody[CreateWebhook]) -> NewWebhook:
+async def create_webhook(request: Request, data: JSONBody[CreateWebhook]) -> NewWebhook:
     """Register `{url, events}`; the answer holds the signing secret, shown this once."""
     webhooks = _node(request).webhooks
     # The URL's host name is looked up (DNS): never on the writer thread.
@@ -757,7 +754,7 @@ async def receipt_proof(request: Request, receipt_id: ReceiptId) -> Proof:
 
 
 @operation(post, "/v1/receipts/verify", *BODY, tag="receipts", keyed=False)
-async def verify_receipt_endpoint(request: Request, data: JsonBody[VerifyRequest]) -> Verdict:
+async def verify_receipt_endpoint(request: Request, data: JSONBody[VerifyRequest]) -> Verdict:
     """`{"receipt": {...}, "public_key"?: hex}` in; a verdict and its reasons out.
 
     Without `public_key` the receipt is checked against this node's own key.

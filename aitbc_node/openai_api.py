@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from litestar import MediaType, Request, Response, Router, get, post
 from litestar.exceptions import HTTPException
-from litestar.params import FromPath
+from litestar.params import FromPath, JSONBody
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 from msgspec import UNSET
@@ -238,7 +238,7 @@ def chat_messages(messages: list[Message]) -> list[ChatMessage]:
 
 
 @post("/chat/completions", status_code=200, include_in_schema=False)
-async def chat_completions(request: Request, data: api.JsonBody[ChatCompletionRequest]) -> Response:
+async def chat_completions(request: Request, data: JSONBody[ChatCompletionRequest]) -> Response:
     """A chat completion (OpenAI's `chat.completions.create`), as a job."""
     _check_common(data, unsupported_parameters(data))
     max_tokens = data.max_completion_tokens or data.max_tokens
@@ -253,7 +253,7 @@ async def chat_completions(request: Request, data: api.JsonBody[ChatCompletionRe
 
 
 @post("/completions", status_code=200, include_in_schema=False)
-async def completions(request: Request, data: api.JsonBody[CompletionRequest]) -> Response:
+async def completions(request: Request, data: JSONBody[CompletionRequest]) -> Response:
     """A text completion (OpenAI's legacy `completions.create`), as a job with a prompt."""
     _check_common(data, unsupported_parameters(data))
     prompt = data.prompt if isinstance(data.prompt, str) else data.prompt[0]
