@@ -72,10 +72,26 @@ def lost_with_group(error: BaseException) -> Exception:
     return RuntimeError(f"this write was lost with its group: {error}")
 
 
-def _column_names(cursor: apsw.Cursor) -> list[str]:
-    """The column names of the statement whose first row `cursor` just gave. Read once per
-    statement, not per row: apsw builds the description anew on every call."""
-    return [name for name, _ in cursor.get_description()]
+# Statements whose column names are kept, per store (a bound: the node's statements are a
+# fixed set, but a caller could build new texts without end).
+MAX_KEPT_STATEMENTS = 1024
+
+
+def _column_names(
+    cursor: apsw.Cursor, sql: str, first: tuple[Any, ...], kept: dict[str, list[str]]
+) -> list[str]:
+    """The column names of the statement `sql` whose first row `cursor` just gave. Kept
+    by the statement's text, in `kept`: apsw builds its description anew on every call, and
+    a store's schema does not change while it is open (migrations run before it opens its
+    connections). A row of another width (a column added to the file from outside) reads
+    the names again."""
+    names = kept.get(sql)
+    if names is None or len(names) != len(first):
+        names = [name for name, _ in cursor.get_description()]
+        if len(kept) >= MAX_KEPT_STATEMENTS:
+            kept.clear()
+        kept[sql] = names
+    return names
 
 
 def _close(cursor: apsw.Cursor) -> None:
@@ -89,8 +105,9 @@ def _close(cursor: apsw.Cursor) -> None:
 class Connection:
     """A thin wrapper over an apsw connection that returns rows as dicts."""
 
-    def __init__(self, conn: apsw.Connection) -> None:
+    def __init__(self, conn: apsw.Connection, column_names: dict[str, list[str]]) -> None:
         self._conn = conn
+        self._column_names = column_names  # the store's names by statement (`_column_names`)
 
     def execute(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[Row]:
         """Run one statement and return all its rows."""
@@ -101,7 +118,7 @@ class Connection:
             first = next(cursor, None)
             if first is None:
                 return []
-            names = _column_names(cursor)
+            names = _column_names(cursor, sql, first, self._column_names)
             return [dict(zip(names, row, strict=True)) for row in itertools.chain((first,), cursor)]
         except BaseException:
             _close(cursor)
@@ -114,7 +131,7 @@ class Connection:
             row = next(cursor, None)
             if row is None:
                 return None
-            names = _column_names(cursor)
+            names = _column_names(cursor, sql, row, self._column_names)
         except BaseException:
             _close(cursor)
             raise
@@ -178,6 +195,7 @@ class Store:
                 raise storage_full(e) from e
             raise
         self._synchronous = synchronous
+        self._column_names: dict[str, list[str]] = {}
         # Who holds the writer connection (`_busy`), who waits for it, and the open group.
         self._writer_lock = threading.Lock()
         self._writer_free = threading.Condition(self._writer_lock)  # writers wait here
@@ -251,7 +269,7 @@ class Store:
         (delegated to with `yield from`)."""
         group = self._join_group(durable)
         try:
-            yield Connection(self._writer)
+            yield Connection(self._writer, self._column_names)
         except BaseException as e:
             self._undo(group, e)
             if isinstance(e, STORAGE_ERRORS):
@@ -496,14 +514,14 @@ class Store:
         """This thread's read connection (opened on first use). Inside a function `run`
         queued, the writer itself: it sees the writes of the group not yet committed."""
         if getattr(self._local, "task", None) is not None:
-            return Connection(self._writer)
+            return Connection(self._writer, self._column_names)
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._open()
             self._local.conn = conn
             with self._readers_lock:
                 self._readers.append(conn)
-        return Connection(conn)
+        return Connection(conn, self._column_names)
 
     def checkpoint(self) -> None:
         """Fold the WAL back into the main file (a PASSIVE checkpoint, never blocking readers)."""

@@ -54,6 +54,37 @@ def test_no_table_keeps_two_indexes_on_the_same_columns(tmp_path: Path) -> None:
     assert ("jobs", ("client", "status")) in seen
 
 
+def test_rows_carry_their_statements_column_names_when_the_table_grows(tmp_path: Path) -> None:
+    """Rows come back keyed by their columns, each statement's own, on the writer and on a
+    reader; a column another connection adds while the store is open shows in `SELECT *`
+    from then on (the names a statement had are not kept past a change of its width)."""
+    store = Store(tmp_path / "node.db")
+    try:
+        with store.write() as db:
+            db.execute("CREATE TABLE t (a INTEGER, b TEXT)")
+            db.execute("INSERT INTO t VALUES (1, 'x'), (2, 'y')")
+        for _ in range(2):  # the second time from the names kept
+            assert store.read().execute("SELECT * FROM t ORDER BY a") == [
+                {"a": 1, "b": "x"},
+                {"a": 2, "b": "y"},
+            ]
+            assert store.read().one("SELECT b AS first, a FROM t WHERE a = 2") == {
+                "first": "y",
+                "a": 2,
+            }
+            with store.write() as db:
+                assert db.one("SELECT * FROM t WHERE a = 1") == {"a": 1, "b": "x"}
+        outside = sqlite3.connect(tmp_path / "node.db")
+        outside.execute("ALTER TABLE t ADD COLUMN c TEXT DEFAULT 'new'")
+        outside.commit()
+        outside.close()
+        assert store.read().one("SELECT * FROM t WHERE a = 1") == {"a": 1, "b": "x", "c": "new"}
+        with store.write() as db:
+            assert db.execute("SELECT * FROM t ORDER BY a")[1] == {"a": 2, "b": "y", "c": "new"}
+    finally:
+        store.close()
+
+
 def test_a_failed_write_rolls_back(tmp_path: Path) -> None:
     store = Store(tmp_path / "node.db")
     try:
