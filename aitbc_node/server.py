@@ -110,6 +110,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     when part of a head came). A head over `MAX_HEAD_BYTES` is answered 400, as is one the
     parser cannot read (in the API's error shape). A connection beyond `max_connections` is
     answered 503 `TOO_MANY_CONNECTIONS` and closed.
+
+    The timer is a deadline and one timer handle: a head that ends only clears the deadline,
+    and a later head sets a new one, so a busy connection neither makes nor cancels a timer
+    per request (each a call into the loop); the handle, when it fires, times the head out or
+    waits on for the deadline now set.
     """
 
     header_timeout: ClassVar[float] = ConnectionLimits.header_timeout
@@ -121,6 +126,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_deadline: float | None = None  # loop time a head awaited must be whole by
         self._head_bytes = 0
         self._refused = False
         # No request head is being read or served: the next bytes begin one.
@@ -145,16 +151,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                     len(self.connections) - 1,
                     self.max_connections,
                 )
-        self._arm_head_timer()
+        self._start_head_clock()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
             self._refuse()
             return
         if self._between_requests:
-            if self._head_timer is None:
+            if self._head_deadline is None:
                 self._head_bytes = 0
-                self._arm_head_timer()
+                self._start_head_clock()
             self._head_bytes += len(data)
         super().data_received(data)
         # Still no whole head after this many bytes (a body that came with its head counts
@@ -166,9 +172,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._between_requests = False
         self._request_read = self._response_sent = False
-        # The head is whole: its timer and its count end (the bytes counted may include some
-        # of the body that came with it; they are no later head's).
-        self._disarm_head_timer()
+        # The head is whole: its deadline and its count end (the bytes counted may include
+        # some of the body that came with it; they are no later head's).
+        self._head_deadline = None
         self._head_bytes = 0
         super().on_headers_complete()
 
@@ -179,8 +185,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._between_requests = self._response_sent
         if self._between_requests:
             # The answer went first, and arms uvicorn's keep-alive timer, but the body's bytes
-            # stopped it: the next head's timer starts here (it may be in these same bytes).
-            self._arm_head_timer()
+            # stopped it: the next head's clock starts here (it may be in these same bytes).
+            self._start_head_clock()
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
@@ -206,17 +212,27 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         )
         self.transport.close()
 
-    def _arm_head_timer(self) -> None:
-        self._disarm_head_timer()
-        self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+    def _start_head_clock(self) -> None:
+        """A head is awaited from now: it must be whole within `header_timeout`."""
+        self._head_deadline = self.loop.time() + self.header_timeout
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_at(self._head_deadline, self._head_clock_rang)
 
     def _disarm_head_timer(self) -> None:
+        self._head_deadline = None
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
 
-    def _head_timed_out(self) -> None:
+    def _head_clock_rang(self) -> None:
         self._head_timer = None
+        deadline = self._head_deadline
+        if deadline is None:  # the head came; the next one starts the clock again
+            return
+        if self.loop.time() < deadline:  # a later head's deadline: wait for it
+            self._head_timer = self.loop.call_at(deadline, self._head_clock_rang)
+            return
+        self._head_deadline = None
         if self.transport.is_closing() or not (self._refused or self._between_requests):
             return
         if self._head_bytes and not self._refused:

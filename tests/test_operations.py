@@ -326,6 +326,29 @@ def test_slowloris_connections_are_closed_once_their_head_is_overdue(start_node)
     assert httpx.get(f"{node.url}/health", timeout=60).status_code == 200
 
 
+def test_a_kept_alive_connection_is_timed_out_only_on_a_head_that_is_overdue(start_node) -> None:
+    """Requests on one connection for longer than the head timeout each get their answer
+    (the timer of an earlier head must not cut a later one short); then a head left
+    unfinished is answered 408 and the connection closed."""
+    node = start_node("--no-miner", "--header-timeout", "1")
+    sock = socket.create_connection(("127.0.0.1", node.port))
+    try:
+        served = 0
+        until = time.monotonic() + 3.5
+        while time.monotonic() < until:
+            sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            head, _ = read_response(sock)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            served += 1
+            time.sleep(0.25)  # each head well within the timeout, the series well past it
+        assert served >= 4
+        sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # never finished
+        received = wait_closed([sock])
+        assert received[sock.fileno()].startswith(b"HTTP/1.1 408"), received
+    finally:
+        sock.close()
+
+
 def test_idle_connections_neither_stop_the_node_nor_stay_open(start_node) -> None:
     if raise_fd_limit() < 2500:
         pytest.skip("this process may not open 2,000 sockets (RLIMIT_NOFILE hard limit)")
