@@ -7,6 +7,10 @@ sorted by code point, the same escapes); anything else goes through `json.dumps`
 Floats are refused: their text form differs between languages and libraries, so a float in a
 signed document is a verification failure waiting to happen. Money and ratios travel as
 decimal strings instead.
+
+`stored_json` parses the JSON the node keeps in its columns (a job's params and messages, a
+miner's models), read on every view of them: msgspec again, several times faster than
+`json.loads`, with the same values.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from typing import Any
 
 import msgspec
 
-__all__ = ["CanonicalError", "canonical_bytes", "canonical_hash", "sha256_hex"]
+__all__ = ["CanonicalError", "canonical_bytes", "canonical_hash", "sha256_hex", "stored_json"]
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -64,6 +69,7 @@ def _check(value: object, path: str) -> None:
 
 
 _ENCODER = msgspec.json.Encoder(order="sorted")
+_DECODER = msgspec.json.Decoder()
 _PLAIN_LEAVES = frozenset({str, int, bool, type(None)})
 
 
@@ -113,3 +119,12 @@ def sha256_hex(data: bytes) -> str:
 def canonical_hash(obj: object, *, root: str = "value") -> str:
     """SHA-256 hex of `canonical_bytes(obj)`."""
     return sha256_hex(canonical_bytes(obj, root=root))
+
+
+def stored_json(text: str) -> Any:
+    """The value of a JSON text the node stored. What msgspec refuses and `json.loads` reads
+    (an escaped lone surrogate, a number past a float's range) is read by `json.loads`."""
+    try:
+        return _DECODER.decode(text)
+    except msgspec.DecodeError:
+        return json.loads(text)

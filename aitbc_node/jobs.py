@@ -17,6 +17,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from aitbc_node.canonical import stored_json
 from aitbc_node.clock import now_ms, rfc3339
 from aitbc_node.config import JobRules, Limits
 from aitbc_node.counters import average_latency_ms, job_counts, read_counters
@@ -142,7 +143,7 @@ def plain_transcript(messages: list[dict[str, str]]) -> str:
 
 def job_messages(row: Row) -> list[dict[str, str]] | None:
     """The job's conversation, or None for a job asked with a plain prompt."""
-    return json.loads(row["messages"]) if row.get("messages") else None
+    return stored_json(row["messages"]) if row.get("messages") else None
 
 
 def job_view(row: Row) -> dict[str, Any]:
@@ -162,7 +163,7 @@ def job_view(row: Row) -> dict[str, Any]:
         "model": row["model"],
         "served_model": row["served_model"],
         "prompt": row["prompt"],
-        "params": json.loads(row["params"]),
+        "params": stored_json(row["params"]),
         "result": row["result"],
         "error": row["error"],
         "error_code": row["error_code"],
@@ -576,7 +577,7 @@ class Jobs:
         miner = self.store.read().one(
             "SELECT capabilities FROM miners WHERE miner_id = ?", (miner_id,)
         )
-        return json.loads(miner["capabilities"]) if miner else []
+        return stored_json(miner["capabilities"]) if miner else []
 
     def has_pending(self, models: list[str]) -> bool:
         """Whether a job for one of `models` is pending (one indexed read: worth a claim)."""

@@ -21,7 +21,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from aitbc_node.background import Loop
-from aitbc_node.canonical import canonical_bytes, sha256_hex
+from aitbc_node.canonical import canonical_bytes, sha256_hex, stored_json
 from aitbc_node.chain import GENESIS_PREV_HASH, sign_block
 from aitbc_node.clock import now_ms, rfc3339
 from aitbc_node.merkle import merkle_root
@@ -170,8 +170,8 @@ class Ledger:
     ) -> dict[str, Any]:
         """Sign the receipt `receipt_id` of a just-completed job (whose row names it already)
         and record its payment (caller's write)."""
-        params = json.loads(job["params"])
-        messages = json.loads(job["messages"]) if job.get("messages") else None
+        params = stored_json(job["params"])
+        messages = stored_json(job["messages"]) if job.get("messages") else None
         units = (job["prompt_tokens"] or 0) + (job["completion_tokens"] or 0)
         unit_price = self.pricing.unit_price(job["served_model"])
         body: dict[str, Any] = {

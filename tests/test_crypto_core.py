@@ -16,7 +16,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aitbc_node.canonical import CanonicalError, canonical_bytes, canonical_hash, sha256_hex
+from aitbc_node.canonical import (
+    CanonicalError,
+    canonical_bytes,
+    canonical_hash,
+    sha256_hex,
+    stored_json,
+)
 from aitbc_node.merkle import merkle_proof, merkle_root, verify_proof
 from aitbc_node.receipts import (
     SIGNED_FIELDS,
@@ -204,6 +210,28 @@ def test_canonical_bytes_edge_values_match_the_definition() -> None:
         value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     ).encode()
     assert canonical_bytes(value) == reference
+
+
+stored_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=stored_values, ensure_ascii=st.booleans())
+def test_stored_json_reads_what_json_loads_reads(value: Any, ensure_ascii: bool) -> None:
+    # Written as the node writes its columns (json.dumps), read back the same, floats and
+    # integers of any size included.
+    text = json.dumps(value, ensure_ascii=ensure_ascii)
+    assert stored_json(text) == json.loads(text)
+    assert type(stored_json(text)) is type(value)
+
+
+def test_stored_json_reads_what_only_json_loads_reads() -> None:
+    for text in ('"\\ud800"', "1e400", '{"x": [NaN]}'):
+        assert repr(stored_json(text)) == repr(json.loads(text))
 
 
 # --- keys, signatures, addresses --------------------------------------------------------------
