@@ -15,7 +15,7 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
@@ -865,14 +865,17 @@ async def metrics_page(request: Request) -> Response[bytes]:
     return Response(body, headers={"content-type": METRICS_CONTENT_TYPE})
 
 
-async def count_response(message: Message, scope: Scope) -> None:
-    """Count every response for /metrics by method, route template (never the raw path, so
-    the label's values stay few) and status; errors and unknown paths included."""
-    if message["type"] == "http.response.start":
-        node: Node = scope["litestar_app"].state.node
-        node.metrics.http_response(
-            scope.get("method", ""), scope.get("path_template"), message["status"]
-        )
+def response_counter(node: Node) -> Callable[[Message, Scope], Awaitable[None]]:
+    """A `before_send` hook that counts every response for /metrics by method, route
+    template (never the raw path, so the label's values stay few) and status; errors and
+    unknown paths included."""
+    count = node.metrics.http_response
+
+    async def count_response(message: Message, scope: Scope) -> None:
+        if message["type"] == "http.response.start":
+            count(scope.get("method", ""), scope.get("path_template"), message["status"])
+
+    return count_response
 
 
 def _error(status: int, detail: str, error_code: str, headers: dict[str, str] | None = None):
@@ -1016,7 +1019,7 @@ def create_app(node: Node) -> Litestar:
     metrics = [metrics_page] if node.settings.metrics else []
     app = Litestar(
         route_handlers=[api, openai_router("/v1"), explorer_page, *metrics],
-        before_send=[count_response],
+        before_send=[response_counter(node)],
         request_class=EdgeRequest,
         request_max_body_size=node.limits.max_body_bytes,
         cors_config=cors,

@@ -18,7 +18,7 @@ This is the only module that imports prometheus_client.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from prometheus_client import (
     CollectorRegistry,
@@ -54,6 +54,17 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 # Tokens a second: a CPU with a big model to a GPU with a small one.
 RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+
+
+class _ModelSeries(NamedTuple):
+    """One model's series of the job metrics."""
+
+    completion_tokens: Counter
+    prompt_tokens: Counter
+    queue_wait: Histogram
+    generation: Histogram
+    ttft: Histogram
+    tokens_per_second: Histogram
 
 
 class Metrics:
@@ -127,6 +138,7 @@ class Metrics:
         )
         # A response's counter by its labels (`labels()` is slow to call on every request).
         self._http_counters: dict[tuple[str, str, int], Counter] = {}
+        self._model_series: dict[str, _ModelSeries] = {}
         for outcome in ("requeued", "failed"):
             self._leases_expired.labels(outcome)
         for final in ("false", "true"):
@@ -149,15 +161,33 @@ class Metrics:
     ) -> None:
         """Count a completed job: its tokens, and its timings (`ttft_s` None when the miner
         reported no text before its result, so time to first token is not known)."""
-        self._completion_tokens.labels(model).inc(max(completion_tokens, 0))
-        self._prompt_tokens.labels(model).inc(max(prompt_tokens, 0))
-        self._queue_wait.labels(model).observe(max(queue_wait_s, 0.0))
-        self._generation.labels(model).observe(max(generation_s, 0.0))
+        series = self._model_series.get(model)
+        if series is None:
+            # A model's six series, looked up by label once (a lookup takes a lock and
+            # checks the labels, every job otherwise); bounded as the labels are.
+            series = _ModelSeries(
+                *(
+                    metric.labels(model)
+                    for metric in (
+                        self._completion_tokens,
+                        self._prompt_tokens,
+                        self._queue_wait,
+                        self._generation,
+                        self._ttft,
+                        self._tokens_per_second,
+                    )
+                )
+            )
+            self._model_series[model] = series
+        series.completion_tokens.inc(max(completion_tokens, 0))
+        series.prompt_tokens.inc(max(prompt_tokens, 0))
+        series.queue_wait.observe(max(queue_wait_s, 0.0))
+        series.generation.observe(max(generation_s, 0.0))
         if ttft_s is not None:
-            self._ttft.labels(model).observe(max(ttft_s, 0.0))
+            series.ttft.observe(max(ttft_s, 0.0))
         # Stored times are whole milliseconds: a job that took none has no rate to show.
         if generation_s > 0:
-            self._tokens_per_second.labels(model).observe(max(completion_tokens, 0) / generation_s)
+            series.tokens_per_second.observe(max(completion_tokens, 0) / generation_s)
 
     def leases_expired(self, *, requeued: int, failed: int) -> None:
         """Count leases the reaper found run out: jobs requeued, and jobs failed for it."""
