@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 
 from aitbc_node.canonical import CanonicalError, canonical_bytes, canonical_hash, sha256_hex
@@ -348,9 +349,17 @@ def decimal_string(x: float | int) -> str:
     return "0" if text == "-0" else text
 
 
+@lru_cache(maxsize=1024)
+def _float_decimal(x: float) -> str:
+    """`decimal_string` of a float, kept: a request's floats (its temperature, top_p) are
+    few values asked again and again, and each takes a Decimal to render. (Floats only: the
+    cache would take True for 1.)"""
+    return decimal_string(x)
+
+
 def _floats_to_strings(value: Any) -> Any:
     if isinstance(value, float):
-        return decimal_string(value)
+        return _float_decimal(value)
     if isinstance(value, dict):
         return {k: _floats_to_strings(v) for k, v in value.items()}
     if isinstance(value, list):
