@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from aitbc_node.background import Backoff, Supervised, describe, log_failure
+from aitbc_node.canonical import stored_json
 from aitbc_node.engine import Engine, Generation
 from aitbc_node.errors import ApiError, StorageFull
 from aitbc_node.jobs import Jobs, job_messages
@@ -133,7 +134,7 @@ class StoreSource:
             job_id=row["job_id"],
             model=row["served_model"],
             prompt=row["prompt"],
-            params=json.loads(row["params"]),
+            params=stored_json(row["params"]),
             messages=job_messages(row),
             lease_seconds=self.jobs.rules.lease_seconds,
             lost=self.signals.watch_cancel(row["job_id"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from aitbc_node.canonical import stored_json
 from aitbc_node.clock import now_ms, rfc3339
 from aitbc_node.config import JobRules
 from aitbc_node.errors import BadRequest, Forbidden, NotFound
@@ -192,8 +193,8 @@ class Miners:
         running = row.get("running_jobs", 0)
         return {
             "miner_id": row["miner_id"],
-            "capabilities": json.loads(row["capabilities"]),
-            "gpu_info": json.loads(row["gpu_info"]),
+            "capabilities": stored_json(row["capabilities"]),
+            "gpu_info": stored_json(row["gpu_info"]),
             "builtin": bool(row["builtin"]),
             "online": online,
             "state": ("busy" if running else "idle") if online else "offline",
