@@ -157,10 +157,14 @@ async def in_thread(fn: Callable[..., T], *args: Any) -> T:
 def request_api_key(request: Request) -> str | None:
     """The API key the request carries: its X-Api-Key header, else the token of an
     `Authorization: Bearer` header (as OpenAI's clients send it)."""
-    api_key = request.headers.get("x-api-key")
-    if api_key:
-        return api_key
-    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+    return api_key_from(request.headers.get("x-api-key"), request.headers.get("authorization"))
+
+
+def api_key_from(x_api_key: str | None, authorization: str | None) -> str | None:
+    """The API key of a request with these two headers' values (`request_api_key`)."""
+    if x_api_key:
+        return x_api_key
+    scheme, _, token = (authorization or "").strip().partition(" ")
     if scheme.lower() != "bearer":
         return None
     return token.strip() or None
@@ -186,8 +190,13 @@ async def authorized(request: Request, fn: Callable[[Principal], T], *, on: Runs
     trip: the writer's own connection keeps its pages cached, where a read on the loop
     starts a fresh snapshot after every commit and reads its pages again (under load it
     cost the loop several times the lookup itself)."""
-    node = _node(request)
-    key = request_api_key(request)
+    return await authorized_by(_node(request), request_api_key(request), fn, on=on)
+
+
+async def authorized_by(
+    node: Node, key: str | None, fn: Callable[[Principal], T], *, on: RunsOn = "writer"
+) -> T:
+    """`authorized` for a request whose node and API key are already known."""
 
     def as_principal() -> Principal:
         principal = keys.authenticate(node.store, key)
@@ -390,11 +399,23 @@ async def submit_job(
     With `wait=SECONDS` (up to 60) the answer comes once the job has ended (with its result
     and receipt), or with its state when the time runs out: submit and wait in one request.
     The job is stored before any wait begins."""
-    node = _node(request)
+    job, status = await submit_and_wait(
+        _node(request), request_api_key(request), data, idempotency_key, wait
+    )
+    return Response(job, status_code=status)
+
+
+async def submit_and_wait(
+    node: Node, key: str | None, data: SubmitJob, idempotency_key: str | None, wait: float
+) -> tuple[dict[str, Any], int]:
+    """`submit_job`'s work: the job (ended, when `wait` allowed) and the answer's status
+    (201 for a new job, 200 for an idempotent replay)."""
     jobs = node.jobs
     if not wait:
-        job, created = await authorized(request, lambda p: jobs.submit(p, data, idempotency_key))
-        return Response(job, status_code=HTTP_201_CREATED if created else HTTP_200_OK)
+        job, created = await authorized_by(
+            node, key, lambda p: jobs.submit(p, data, idempotency_key)
+        )
+        return job, HTTP_201_CREATED if created else HTTP_200_OK
     waiters = node.signals.waiters
     ends = asyncio.get_running_loop().create_future()
     watched: list[str] = []
@@ -407,7 +428,7 @@ async def submit_job(
         return job, created
 
     try:
-        job, created = await authorized(request, submit_watched)
+        job, created = await authorized_by(node, key, submit_watched)
         if job["status"] not in TERMINAL:
             job_id = job["job_id"]
             ended = await waiters.until(
@@ -416,7 +437,7 @@ async def submit_job(
             job = ended or jobs.peek(job_id)  # one row by key, on the loop
     finally:
         waiters.unregister(ends, *watched)
-    return Response(job, status_code=HTTP_201_CREATED if created else HTTP_200_OK)
+    return job, HTTP_201_CREATED if created else HTTP_200_OK
 
 
 @operation(get, "/v1/whoami", tag="keys")
@@ -594,7 +615,11 @@ async def claim_next(request: Request, data: JSONBody[ClaimNext]) -> ClaimedJobs
     `results` (up to 64, as `POST /v1/jobs/complete` takes them) are recorded first, in the
     same transaction, and are on disk before any wait begins; each one's outcome is in the
     answer's `results`."""
-    node = _node(request)
+    return await claim_next_for(_node(request), request_api_key(request), data)
+
+
+async def claim_next_for(node: Node, key: str | None, data: ClaimNext) -> dict[str, Any]:
+    """`claim_next`'s work: the answer's body."""
     jobs, waiters = node.jobs, node.signals.waiters
     woken = asyncio.get_running_loop().create_future()
     keys: tuple[str, ...] = ()
@@ -629,7 +654,7 @@ async def claim_next(request: Request, data: JSONBody[ClaimNext]) -> ClaimedJobs
         return current if current and current["jobs"] else None
 
     try:
-        principal, claimed, models = await authorized(request, claim_or_watch)
+        principal, claimed, models = await authorized_by(node, key, claim_or_watch)
         if models is None:
             return claimed
         current = await waiters.until(

@@ -129,6 +129,11 @@ def nests_deeper_than(raw: bytes, bound: int) -> bool:
     return b"[]" in brackets  # a pair still inside `bound` levels of others
 
 
+def encode_body(value: Any) -> bytes:
+    """An answer's JSON body, as Litestar's msgspec encoder writes one."""
+    return msgspec.json.encode(value)
+
+
 def decode_body(raw: bytes, target: Any) -> Any:
     """Decode a JSON body strictly into `target`; BadRequest names what is wrong."""
     if raw.startswith(b"\xef\xbb\xbf"):

@@ -34,6 +34,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from aitbc_node.api import create_app
 from aitbc_node.config import ConnectionLimits
+from aitbc_node.hotpath import HotRoutes
 from aitbc_node.node import Node, NodeSettings
 from aitbc_node.requestlog import RequestLog
 
@@ -304,7 +305,7 @@ def run(
     try:
         node.start()
         config = uvicorn.Config(
-            RequestLog(create_app(node)),
+            RequestLog(HotRoutes(create_app(node), node)),
             http=GuardedHttpToolsProtocol.with_limits(limits, max_connections),
             loop="uvloop",
             timeout_keep_alive=limits.keep_alive_timeout,
