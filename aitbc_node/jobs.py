@@ -10,14 +10,13 @@ statement changes nothing, `_explain` reads the row to say why, with the right s
 
 from __future__ import annotations
 
-import json
 import math
 import secrets
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from aitbc_node.canonical import stored_json
+from aitbc_node.canonical import stored_json, stored_text
 from aitbc_node.clock import now_ms, rfc3339
 from aitbc_node.config import JobRules, Limits
 from aitbc_node.counters import average_latency_ms, job_counts, read_counters
@@ -289,7 +288,7 @@ class Jobs:
                     messages,
                     model,
                     served_model,
-                    json.dumps(params),
+                    stored_text(params),
                     now,
                 ),
             )
@@ -329,7 +328,7 @@ class Jobs:
                     f" {self.limits.max_prompt_chars}",
                     error_code="PROMPT_TOO_LONG",
                 )
-            return plain_transcript(messages), json.dumps(messages, ensure_ascii=False)
+            return plain_transcript(messages), stored_text(messages)
         prompt = request.prompt
         assert prompt is not None
         if not prompt.strip():
@@ -584,7 +583,7 @@ class Jobs:
         row = self.store.read().one(
             "SELECT 1 AS found FROM jobs WHERE status = 'pending'"
             " AND served_model IN (SELECT value FROM json_each(?)) LIMIT 1",
-            (json.dumps(models),),
+            (stored_text(models),),
         )
         return row is not None
 
@@ -605,7 +604,7 @@ class Jobs:
                 target = "1"
             else:
                 seqs = [row["seq"] for row in db.execute(_SEQS_IN_TURN, params)]
-                params["seqs"] = json.dumps(seqs)
+                params["seqs"] = stored_text(seqs)
                 target = "seq IN (SELECT value FROM json_each(:seqs))"
         now = now_ms()
         rows = db.execute(

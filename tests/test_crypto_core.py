@@ -22,6 +22,7 @@ from aitbc_node.canonical import (
     canonical_hash,
     sha256_hex,
     stored_json,
+    stored_text,
 )
 from aitbc_node.merkle import merkle_proof, merkle_root, verify_proof
 from aitbc_node.receipts import (
@@ -227,6 +228,28 @@ def test_stored_json_reads_what_json_loads_reads(value: Any, ensure_ascii: bool)
     text = json.dumps(value, ensure_ascii=ensure_ascii)
     assert stored_json(text) == json.loads(text)
     assert type(stored_json(text)) is type(value)
+
+
+finite_stored_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=finite_stored_values)
+def test_stored_text_is_read_back_as_written(value: Any) -> None:
+    # What the node writes to its columns (a job's params and messages), read back by
+    # `stored_json` and by any JSON reader as the same value, its keys in their order.
+    text = stored_text(value)
+    assert stored_json(text) == value
+    assert json.loads(text) == value
+    assert json.dumps(stored_json(text)) == json.dumps(value)  # order, and int vs float
 
 
 def test_stored_json_reads_what_only_json_loads_reads() -> None:
