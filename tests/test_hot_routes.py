@@ -231,7 +231,8 @@ def test_requests_not_in_the_plain_form_reach_litestar_with_their_body(node: Nod
     assert answers[0][1]["error_code"] in ("UNKNOWN_FIELDS", "UNKNOWN_PARAMS")
     assert statuses[1] == 400 and "prompt" in answers[1][1]["detail"], answers[1]
     assert statuses[2] == 400 and "wait" in answers[2][1]["detail"], answers[2]
-    # Litestar reads these as it always has: a float, one of two, an unknown one ignored.
+    # Litestar takes these as it always has: a wait in exponent form, one of two waits, an
+    # unknown query ignored, and an Idempotency-Key with its checks.
     assert statuses[3:7] == [201, 201, 201, 201], answers[3:7]
     assert answers[7] == (
         400,
