@@ -78,7 +78,8 @@ class HotRoutes:
             await self.app(scope, receive, send)
             return
         headers = _headers_read(scope["headers"])
-        wait = _plain_wait(scope["query_string"]) if path == SUBMIT_PATH else _no_query(scope)
+        query = scope["query_string"]
+        wait = _plain_wait(query) if path == SUBMIT_PATH else _no_query(query)
         length = headers.get(b"content-length")
         if (
             wait is None
@@ -106,16 +107,15 @@ class HotRoutes:
                 answer, status = await submit_and_wait(self.node, key, data, None, wait)
             else:
                 answer = await claim_next_for(self.node, key, data)
-        except ApiError as e:
-            status, answer = e.status, {"detail": e.detail, "error_code": e.error_code}
+        except Exception as e:
+            if isinstance(e, ApiError):
+                error = e
+            else:  # as Litestar's handler for the unexpected: logged, answered 500
+                log.exception("unhandled error")
+                error = ApiError("internal server error")
+            status, answer = error.status, {"detail": error.detail, "error_code": error.error_code}
             extra = tuple(
-                (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in e.headers.items()
-            )
-        except Exception:
-            log.exception("unhandled error")
-            status, answer = (
-                500,
-                {"detail": "internal server error", "error_code": "INTERNAL_ERROR"},
+                (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items()
             )
         encoded = encode_body(answer)
         self.count_response("POST", path, status)
@@ -158,9 +158,9 @@ def _plain_wait(query: bytes) -> float | None:
     return wait if wait <= MAX_WAIT_SECONDS else None
 
 
-def _no_query(scope: Scope) -> float | None:
+def _no_query(query: bytes) -> float | None:
     """0 (no wait in the query: claim-next's is in its body) when the query is empty."""
-    return None if scope["query_string"] else 0.0
+    return None if query else 0.0
 
 
 async def _read_body(receive: Receive) -> tuple[list[Message], bytes | None]:
